@@ -1,0 +1,69 @@
+"""Shared helpers for trionet's own tests: connected pairs of every kind."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+import trionet
+from trionet._connection import Connection
+from trionet._transport import StreamTransport
+
+#: The kinds of connected pair every Connection test runs over:
+#: "tcp" -- a real loopback TCP client and a server-owned connection;
+#: "memory" -- two connections over trio's in-memory streams (locked sends);
+#: "memory-queued" -- in-memory, the second side with a send queue and writer.
+PAIR_KINDS = ["tcp", "memory", "memory-queued"]
+
+
+@asynccontextmanager
+async def open_pair(
+    kind: str, framing: trionet.Framing | None = None, **server_options: object
+) -> AsyncIterator[tuple[Connection, Connection]]:
+    """A connected (client, server-side) pair of Connections of the given kind."""
+    if kind == "tcp":
+        accepted: list[Connection] = []
+        arrived = trio.Event()
+        done = trio.Event()
+
+        async def handler(conn: Connection) -> None:
+            accepted.append(conn)
+            arrived.set()
+            await done.wait()
+
+        async with trionet.open_tcp_server(
+            handler,
+            framing=framing,
+            grace_period=0,
+            **server_options,  # type: ignore[arg-type]
+        ) as server:
+            client = await trionet.connect_tcp(
+                "127.0.0.1", server.port, framing=framing
+            )
+            try:
+                await arrived.wait()
+                yield client, accepted[0]
+            finally:
+                done.set()
+                await client.aclose()
+        return
+    left, right = trio.testing.memory_stream_pair()
+    if kind == "memory":
+        yield Connection(left, framing=framing), Connection(right, framing=framing)
+        return
+    assert kind == "memory-queued"
+    async with trio.open_nursery() as nursery:
+        server_side = Connection._over(
+            StreamTransport(right), framing, writer_nursery=nursery
+        )
+        yield Connection(left, framing=framing), server_side
+        await server_side.aclose()
+
+
+@pytest.fixture(params=PAIR_KINDS)
+def pair_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

@@ -1,0 +1,40 @@
+"""trionet: structured-concurrency networking for Trio.
+
+Servers that host one task per connection in a nursery, clients and datagram
+endpoints, with line, sized and framed receive modes on one stream, and an
+explicit :class:`CloseReason` for every connection that ends.
+"""
+
+from ._client import connect_tcp as connect_tcp
+from ._codec import Decoder as Decoder
+from ._codec import Frames as Frames
+from ._codec import Framing as Framing
+from ._codec import Lines as Lines
+from ._connection import Connection as Connection
+from ._exceptions import CloseReason as CloseReason
+from ._exceptions import ConnectError as ConnectError
+from ._exceptions import ConnectionClosed as ConnectionClosed
+from ._exceptions import FrameTooLarge as FrameTooLarge
+from ._exceptions import IncompleteMessage as IncompleteMessage
+from ._exceptions import LineTooLong as LineTooLong
+from ._exceptions import MessageTooLarge as MessageTooLarge
+from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import TrionetError as TrionetError
+from ._server import Server as Server
+from ._server import ServerOptions as ServerOptions
+from ._server import ServerStats as ServerStats
+from ._server import open_tcp_server as open_tcp_server
+from ._server import serve_tcp as serve_tcp
+
+# --- datagrams (issue: Datagrams) ---
+from ._udp import Datagram as Datagram
+from ._udp import DatagramError as DatagramError
+from ._udp import DatagramTooLarge as DatagramTooLarge
+from ._udp import UdpPeer as UdpPeer
+from ._udp import UdpServer as UdpServer
+from ._udp import UdpServerStats as UdpServerStats
+from ._udp import open_udp as open_udp
+from ._udp import open_udp_server as open_udp_server
+from ._udp import serve_udp as serve_udp
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,223 @@
+"""The receive buffer that every receive mode reads from.
+
+How this works
+--------------
+A connection owns one ``ReceiveBuffer``.  Bytes from the transport are
+appended with :meth:`ReceiveBuffer.feed`; the ``extract_*`` methods remove one
+whole message from the front, or return ``None`` ("need more data") and leave
+the buffer untouched.  Because all modes read the same buffer, a caller may
+read a header line, then exactly N bytes of body, then a frame.
+
+Every method runs in time linear in the bytes it is given, however those bytes
+were chunked:
+
+* Removing from the front is ``del buf[:n]``, which CPython's bytearray does
+  in O(1) by moving its start pointer.
+* A line search never rescans bytes it already searched: ``_scan`` remembers
+  how far the last unsuccessful search got (for the delimiter it searched for).
+* Limits are checked before more is buffered: a frame header announcing more
+  than ``max_size`` is refused as soon as the header is complete, and a line
+  with no delimiter is refused as soon as the buffer proves it too long.  Only
+  what actually arrived is ever held; nothing is allocated from an announced
+  length.
+
+The verdict on a line's length is the same however the bytes were chunked: a
+line is too long exactly when more than ``max_length`` bytes precede its
+delimiter.
+"""
+
+from __future__ import annotations
+
+from .._exceptions import FrameTooLarge, LineTooLong
+
+__all__ = ["ReceiveBuffer"]
+
+
+def _overlaps_itself(delimiter: bytes) -> bool:
+    """Whether a proper prefix of ``delimiter`` is also its suffix."""
+    return any(delimiter[:k] == delimiter[-k:] for k in range(1, len(delimiter)))
+
+
+class ReceiveBuffer:
+    """A bytearray with whole-message extraction for each receive mode."""
+
+    __slots__ = ("_data", "_scan", "_scan_delimiter")
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        # Bytes before this offset hold no complete ``_scan_delimiter``.
+        self._scan = 0
+        self._scan_delimiter = b""
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __bool__(self) -> bool:
+        return bool(self._data)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes."""
+        self._data += data
+
+    def peek(self) -> bytes:
+        """A copy of everything buffered (for error reports)."""
+        return bytes(self._data)
+
+    def _take(self, start: int, stop: int, consumed: int) -> bytes:
+        # Return data[start:stop] and drop the first ``consumed`` bytes.
+        data = self._data
+        out = bytes(data[start:stop])
+        if consumed == len(data):
+            data.clear()
+        else:
+            del data[:consumed]
+        self._scan = max(0, self._scan - consumed)
+        return out
+
+    def extract_some(self, max_bytes: int | None = None) -> bytes:
+        """Remove and return up to ``max_bytes`` buffered bytes (all if None)."""
+        if max_bytes is None or max_bytes >= len(self._data):
+            max_bytes = len(self._data)
+        return self._take(0, max_bytes, max_bytes)
+
+    def extract_exactly(self, n: int) -> bytes | None:
+        """Remove and return exactly ``n`` bytes, or None if fewer are buffered."""
+        if len(self._data) < n:
+            return None
+        return self._take(0, n, n)
+
+    def extract_line(self, delimiter: bytes, max_length: int) -> bytes | None:
+        """Remove and return one line without its delimiter, or None.
+
+        Raises:
+            LineTooLong: more than ``max_length`` bytes come before the delimiter,
+                or the buffer already holds more than a line may be with no
+                delimiter in it.
+        """
+        data = self._data
+        if delimiter != self._scan_delimiter:
+            self._scan_delimiter = delimiter
+            self._scan = 0
+        index = data.find(delimiter, self._scan)
+        if index < 0:
+            width = len(delimiter)
+            if len(data) >= max_length + width:
+                raise LineTooLong(
+                    f"line longer than max_length={max_length} bytes "
+                    f"(no delimiter in the first {len(data)} bytes)"
+                )
+            self._scan = max(0, len(data) - width + 1)
+            return None
+        if index > max_length:
+            raise LineTooLong(
+                f"line of {index} bytes is longer than max_length={max_length}"
+            )
+        self._scan = 0
+        return self._take(0, index, index + len(delimiter))
+
+    def extract_lines(self, delimiter: bytes, max_length: int) -> list[bytes]:
+        """Remove and return every complete line at once (maybe none).
+
+        Lines before a too-long one are returned first; the next call raises
+        :class:`LineTooLong` for it.
+        """
+        data = self._data
+        if delimiter != self._scan_delimiter:
+            self._scan_delimiter = delimiter
+            self._scan = 0
+        last = data.rfind(delimiter, self._scan)
+        if last < 0 or _overlaps_itself(delimiter):
+            # (A delimiter like b"\n\n" can overlap itself, and then split()
+            # would not cut where a left-to-right search does.)
+            lines = []
+            try:
+                while (line := self.extract_line(delimiter, max_length)) is not None:
+                    lines.append(line)
+            except LineTooLong:
+                if not lines:
+                    raise
+            return lines
+        lines = bytes(data[:last]).split(delimiter)
+        if max(map(len, lines)) > max_length:
+            good = 0
+            while len(lines[good]) <= max_length:
+                good += 1
+            if good == 0:
+                self.extract_line(delimiter, max_length)  # raises LineTooLong
+            del lines[good:]
+            width = len(delimiter)
+            consumed = sum(map(len, lines)) + width * good
+        else:
+            consumed = last + len(delimiter)
+        if consumed == len(data):
+            data.clear()
+        else:
+            del data[:consumed]
+        self._scan = 0
+        return lines
+
+    def frame_length(self, header_size: int, max_size: int) -> int | None:
+        """The length announced by a complete frame header at the front, or None.
+
+        Raises:
+            FrameTooLarge: the header announces more than ``max_size`` bytes.
+        """
+        data = self._data
+        if len(data) < header_size:
+            return None
+        length = int.from_bytes(data[:header_size], "big")
+        if length > max_size:
+            raise FrameTooLarge(
+                f"frame header announces {length} bytes; max_size is {max_size}"
+            )
+        return length
+
+    def extract_frame(self, header_size: int, max_size: int) -> bytes | None:
+        """Remove and return one length-prefixed frame's payload, or None.
+
+        Raises:
+            FrameTooLarge: the header announces more than ``max_size`` bytes
+                (raised as soon as the header is buffered, before the body).
+        """
+        length = self.frame_length(header_size, max_size)
+        if length is None:
+            return None
+        end = header_size + length
+        if len(self._data) < end:
+            return None
+        return self._take(header_size, end, end)
+
+    def extract_frames(self, header_size: int, max_size: int) -> list[bytes]:
+        """Remove and return every complete frame's payload at once (maybe none).
+
+        Frames before a bad header are returned first; the next call raises
+        :class:`FrameTooLarge` for it.
+        """
+        data = self._data
+        size = len(data)
+        out: list[bytes] = []
+        pos = 0
+        with memoryview(data) as view:
+            while size - pos >= header_size:
+                length = int.from_bytes(view[pos : pos + header_size], "big")
+                end = pos + header_size + length
+                if length > max_size or end > size:
+                    break
+                out.append(bytes(view[pos + header_size : end]))
+                pos = end
+        if not out:
+            frame = self.extract_frame(header_size, max_size)  # may raise
+            return [] if frame is None else [frame]
+        if pos == size:
+            data.clear()
+        else:
+            del data[:pos]
+        self._scan = 0
+        return out
+
+    def missing_for_frame(self, header_size: int, max_size: int) -> int:
+        """How many more bytes the frame at the front needs (at least 1)."""
+        length = self.frame_length(header_size, max_size)
+        if length is None:
+            return header_size - len(self._data)
+        return max(1, header_size + length - len(self._data))

@@ -1,0 +1,157 @@
+"""Framing configurations: how messages are cut out of a byte stream.
+
+A framing is a frozen value.  It knows how to encode one outgoing message and
+how to extract one incoming message from a :class:`ReceiveBuffer`; it holds no
+state of its own, so one framing may serve any number of connections.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import attrs
+
+from .._exceptions import MessageTooLarge
+from ._buffer import ReceiveBuffer
+
+__all__ = ["Frames", "Framing", "Lines", "as_bytes"]
+
+
+def as_bytes(data: bytes | bytearray | memoryview | str) -> bytes:
+    """``data`` as bytes: str is encoded as UTF-8, buffers are copied once."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    raise TypeError(f"expected bytes or str, not {type(data).__name__}")
+
+
+def _check_delimiter(
+    instance: Lines, attribute: attrs.Attribute[bytes], value: bytes
+) -> None:
+    if not isinstance(value, bytes) or not value:
+        raise ValueError(f"delimiter must be non-empty bytes, not {value!r}")
+
+
+@attrs.frozen
+class Lines:
+    """Delimiter-terminated lines.
+
+    Lines are returned without their delimiter.  A line longer than
+    ``max_length`` bytes (not counting the delimiter) raises
+    :class:`LineTooLong`, and the verdict is the same however the bytes were
+    chunked.
+
+    Args:
+        delimiter: the bytes that end a line.
+        max_length: the longest line accepted, in bytes, without the delimiter.
+
+    .. versionadded:: 0.1
+    """
+
+    delimiter: bytes = attrs.field(default=b"\n", validator=_check_delimiter)
+    max_length: int = attrs.field(
+        default=65536,
+        validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)],
+    )
+
+    def encode(self, data: bytes | bytearray | memoryview | str) -> bytes:
+        """One line on the wire: ``data`` followed by the delimiter.
+
+        Raises:
+            ValueError: ``data`` contains the delimiter.
+            MessageTooLarge: ``data`` is longer than ``max_length``.
+        """
+        payload = as_bytes(data)
+        if len(payload) > self.max_length:
+            raise MessageTooLarge(
+                f"line of {len(payload)} bytes is longer than "
+                f"max_length={self.max_length}"
+            )
+        if self.delimiter in payload:
+            raise ValueError(f"line contains the delimiter {self.delimiter!r}")
+        return payload + self.delimiter
+
+    def extract(self, buffer: ReceiveBuffer) -> bytes | None:
+        """Remove one line from ``buffer``, or return None if none is complete."""
+        return buffer.extract_line(self.delimiter, self.max_length)
+
+    def extract_all(self, buffer: ReceiveBuffer) -> list[bytes]:
+        """Remove every complete line from ``buffer`` at once."""
+        return buffer.extract_lines(self.delimiter, self.max_length)
+
+
+_HEADER_SIZES = (1, 2, 4, 8)
+
+
+@attrs.frozen
+class Frames:
+    """Length-prefixed frames: a big-endian unsigned length, then the payload.
+
+    Args:
+        max_size: the largest payload accepted, in bytes.  A received header
+            announcing more raises :class:`FrameTooLarge` before any of the body
+            is read; sending more raises :class:`MessageTooLarge` before
+            anything is sent.
+        header_size: bytes in the length prefix: 1, 2, 4 or 8.
+
+    Raises:
+        ValueError: ``header_size`` is not 1, 2, 4 or 8, or ``max_size`` cannot
+            be expressed in a header of that size.
+
+    .. versionadded:: 0.1
+    """
+
+    max_size: int = attrs.field(
+        default=16 * 1024 * 1024,
+        validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)],
+    )
+    header_size: int = attrs.field(
+        default=4, validator=attrs.validators.in_(_HEADER_SIZES)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        limit = (1 << (8 * self.header_size)) - 1
+        if self.max_size > limit:
+            raise ValueError(
+                f"max_size={self.max_size} cannot be expressed in a "
+                f"{self.header_size}-byte header (at most {limit})"
+            )
+
+    def header(self, size: int) -> bytes:
+        """The length prefix of a ``size``-byte payload.
+
+        Raises:
+            MessageTooLarge: ``size`` is over ``max_size``.
+        """
+        if size > self.max_size:
+            raise MessageTooLarge(
+                f"frame of {size} bytes is larger than max_size={self.max_size}"
+            )
+        return size.to_bytes(self.header_size, "big")
+
+    def encode(self, data: bytes | bytearray | memoryview | str) -> bytes:
+        """One frame on the wire: the length prefix, then ``data``.
+
+        Raises:
+            MessageTooLarge: ``data`` is larger than ``max_size``.
+        """
+        payload = as_bytes(data)
+        return self.header(len(payload)) + payload
+
+    def extract(self, buffer: ReceiveBuffer) -> bytes | None:
+        """Remove one frame's payload from ``buffer``, or return None."""
+        return buffer.extract_frame(self.header_size, self.max_size)
+
+    def extract_all(self, buffer: ReceiveBuffer) -> list[bytes]:
+        """Remove every complete frame from ``buffer`` at once."""
+        return buffer.extract_frames(self.header_size, self.max_size)
+
+
+#: A framing configuration: :class:`Lines` or :class:`Frames`.
+Framing: TypeAlias = Lines | Frames
+
+for _cls in (Lines, Frames):
+    _cls.__module__ = "trionet"

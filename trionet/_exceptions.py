@@ -1,0 +1,141 @@
+"""Close reasons and the exception hierarchy.
+
+Nothing here imports trio: the sans-IO codecs raise these too.
+
+Whose fault is it?  Every error names it:
+
+* :class:`ProtocolError` -- the *peer* sent bytes we refuse (the connection is
+  closed with :attr:`CloseReason.PROTOCOL_ERROR`).
+* :class:`ValueError` / :class:`TypeError` -- *our caller* asked for something
+  impossible (a line containing its delimiter, a frame over the limit); nothing
+  was sent and the connection stays open.
+* :class:`ConnectionClosed` -- the connection is over; ``.reason`` says why.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "CloseReason",
+    "ConnectError",
+    "ConnectionClosed",
+    "FrameTooLarge",
+    "IncompleteMessage",
+    "LineTooLong",
+    "MessageTooLarge",
+    "ProtocolError",
+    "TrionetError",
+]
+
+
+class CloseReason(enum.Enum):
+    """Why a connection ended.  Every connection that ends has exactly one.
+
+    The reason is taken from the first cause and never changes afterwards.
+    "Host" means *this* side, on a client as on a server.
+    """
+
+    #: This side closed it: :meth:`Connection.aclose`, or a server handler returned.
+    CLOSED_BY_HOST = "closed by host"
+    #: The peer closed its side cleanly (end of stream).
+    CLOSED_BY_PEER = "closed by peer"
+    #: A timeout ran out: idle timeout, message timeout, handshake or connect timeout.
+    TIMEOUT = "timeout"
+    #: The transport failed (reset, broken pipe, TLS failure), a handler raised,
+    #: or a send was cancelled half way through a message.
+    ERROR = "error"
+    #: The peer sent bytes the framing refuses (see :class:`ProtocolError`).
+    PROTOCOL_ERROR = "protocol error"
+    #: A server's accept filter refused the client.
+    REJECTED = "rejected"
+    #: The server shut down while the connection was still open.
+    SHUTDOWN = "shutdown"
+    #: The peer read too slowly: its outgoing queue overflowed on a broadcast.
+    SLOW_CONSUMER = "slow consumer"
+
+    def __repr__(self) -> str:
+        return f"CloseReason.{self.name}"
+
+
+CloseReason.__module__ = "trionet"
+
+
+class TrionetError(Exception):
+    """Base class of every error trionet raises itself."""
+
+
+class ConnectionClosed(TrionetError):
+    """The connection is closed (or the peer ended the stream).
+
+    Raised by message receives at end of stream and by sends after close.
+
+    Attributes:
+        reason (CloseReason): why the connection ended.
+    """
+
+    def __init__(self, reason: CloseReason, message: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message or f"connection closed: {reason.value}")
+
+
+class IncompleteMessage(ConnectionClosed):
+    """The stream ended inside a line, frame or :meth:`~Connection.receive_exactly`.
+
+    Attributes:
+        partial (bytes): the bytes of the unfinished message that did arrive.
+    """
+
+    def __init__(self, reason: CloseReason, partial: bytes) -> None:
+        self.partial = partial
+        super().__init__(
+            reason,
+            f"connection closed ({reason.value}) inside a message; "
+            f"{len(partial)} bytes of it arrived",
+        )
+
+
+class ProtocolError(TrionetError):
+    """The peer sent bytes that the framing refuses.
+
+    The connection is closed with :attr:`CloseReason.PROTOCOL_ERROR`.
+    """
+
+
+class LineTooLong(ProtocolError):
+    """A received line is longer than :attr:`Lines.max_length`."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A received frame header announces more than :attr:`Frames.max_size`."""
+
+
+class MessageTooLarge(TrionetError, ValueError):
+    """An outgoing message is larger than the endpoint allows; nothing was sent."""
+
+
+class ConnectError(TrionetError, OSError):
+    """Connecting failed.
+
+    Attributes:
+        reason (CloseReason): :attr:`~CloseReason.TIMEOUT` for a connect
+            timeout, :attr:`~CloseReason.ERROR` otherwise (the :class:`OSError`
+            is the ``__cause__``).
+    """
+
+    def __init__(self, reason: CloseReason, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+for _cls in (
+    TrionetError,
+    ConnectionClosed,
+    IncompleteMessage,
+    ProtocolError,
+    LineTooLong,
+    FrameTooLarge,
+    MessageTooLarge,
+    ConnectError,
+):
+    _cls.__module__ = "trionet"

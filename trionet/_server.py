@@ -1,0 +1,581 @@
+"""TCP servers: one task per connection in a nursery.
+
+How this works
+--------------
+``serve_tcp`` opens its listening sockets, reports the :class:`Server` through
+``task_status.started`` and runs an accept loop per socket.  Each accepted
+socket gets a task in the handler nursery, which
+
+1. asks the ``accept`` filter (a refused client is closed at once and counted
+   as :attr:`CloseReason.REJECTED`; its handler never runs),
+2. does the TLS handshake if there is an ``ssl_context``,
+3. builds the :class:`Connection` (its writer tasks live in the same nursery),
+   registers it and calls ``on_connect``,
+4. runs the handler inside a cancel scope of its own; an exception escaping
+   the handler is logged and closes that connection with ERROR, nothing else,
+5. closes the connection -- CLOSED_BY_HOST unless something else came first,
+   SHUTDOWN when the server cancelled the handler -- after flushing what it
+   queued, and calls ``on_close``.
+
+``max_connections`` is a semaphore taken *before* accepting: at the limit the
+server simply stops calling accept() and clients wait in the kernel's backlog.
+Accept errors that mean "out of descriptors or memory" are logged and retried
+after a pause, so the listener survives them.
+
+``aclose(grace_period)`` stops accepting at once, waits up to the grace period
+for handlers to finish, cancels the rest, lets every connection flush (bounded
+by ``flush_timeout``) and returns when all are closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
+
+import attrs
+import trio
+
+from ._codec import Framing, as_bytes
+from ._connection import DEFAULT_FLUSH_TIMEOUT, DEFAULT_SEND_QUEUE_SIZE, Connection
+from ._exceptions import CloseReason, ConnectionClosed
+from ._listeners import open_listeners
+from ._transport import Address, SocketTransport, StreamTransport
+from ._util import call_maybe_async, unwrap_single_exception
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Server", "ServerOptions", "ServerStats", "open_tcp_server", "serve_tcp"]
+
+logger = logging.getLogger("trionet")
+
+Handler: TypeAlias = Callable[[Connection], Awaitable[object]]
+AcceptFilter: TypeAlias = Callable[[Address], "bool | Awaitable[bool]"]
+Hook: TypeAlias = Callable[[Connection], "object | Awaitable[object]"]
+
+#: Accept errors that mean "no resources right now": wait and try again.
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+#: Accept errors about one client that already went away: just go on.
+_ACCEPT_CLIENT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET}
+#: Seconds to pause accepting after running out of descriptors.
+ACCEPT_BACKOFF = 0.1
+#: Handler exceptions a server remembers for inspection.
+_ERRORS_KEPT = 100
+
+
+def _optional_positive(name: str) -> Callable[[Any, Any, Any], None]:
+    def check(instance: object, attribute: object, value: float | None) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0 or None, not {value!r}")
+
+    return check
+
+
+def _non_negative(
+    instance: object, attribute: attrs.Attribute[float], value: float
+) -> None:
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must be >= 0, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ServerOptions:
+    """Everything a TCP server can be configured with.
+
+    :func:`serve_tcp` and :func:`open_tcp_server` take these as keyword
+    arguments; the class validates them and documents the defaults.
+
+    .. versionadded:: 0.1
+    """
+
+    #: :class:`Lines`, :class:`Frames` or None (raw bytes) for every connection.
+    framing: Framing | None = None
+    #: Serve TLS with this server-side context.
+    ssl_context: ssl.SSLContext | None = None
+    #: listen() backlog (None: as large as the kernel allows).
+    backlog: int | None = None
+    #: Called with the client's address; a false result refuses the client.
+    accept: AcceptFilter | None = None
+    #: The most connections served at once; at the limit the server stops accepting.
+    max_connections: int | None = attrs.field(
+        default=None, validator=_optional_positive("max_connections")
+    )
+    #: Close a connection that received nothing for this many seconds (TIMEOUT).
+    idle_timeout: float | None = attrs.field(
+        default=None, validator=_optional_positive("idle_timeout")
+    )
+    #: Close a connection that takes longer than this to complete one message (TIMEOUT).
+    message_timeout: float | None = attrs.field(
+        default=None, validator=_optional_positive("message_timeout")
+    )
+    #: Messages each connection's outgoing queue holds.
+    send_queue_size: int = attrs.field(
+        default=DEFAULT_SEND_QUEUE_SIZE, validator=_optional_positive("send_queue_size")
+    )
+    #: Seconds handlers get to finish when the server shuts down.
+    grace_period: float = attrs.field(default=5.0, validator=_non_negative)
+    #: Seconds a closing connection may spend flushing its queue.
+    flush_timeout: float = attrs.field(
+        default=DEFAULT_FLUSH_TIMEOUT, validator=_non_negative
+    )
+    #: Seconds allowed for a TLS handshake (TIMEOUT after that).
+    handshake_timeout: float = attrs.field(
+        default=10.0, validator=_optional_positive("handshake_timeout")
+    )
+    #: Called with each admitted connection before its handler runs.
+    on_connect: Hook | None = None
+    #: Called with each admitted connection once it is closed (close_reason set).
+    on_close: Hook | None = None
+    #: Set SO_REUSEPORT so several processes can listen on one port.
+    reuse_port: bool = False
+    #: Kernel send buffer (SO_SNDBUF) of every connection; None keeps the
+    #: kernel's autotuning.  Smaller bounds memory and finds slow consumers sooner.
+    so_sndbuf: int | None = attrs.field(
+        default=None, validator=_optional_positive("so_sndbuf")
+    )
+    #: Kernel receive buffer (SO_RCVBUF) of every connection; None: autotuned.
+    so_rcvbuf: int | None = attrs.field(
+        default=None, validator=_optional_positive("so_rcvbuf")
+    )
+
+
+class _OptionsDict(TypedDict, total=False):
+    framing: Framing | None
+    ssl_context: ssl.SSLContext | None
+    backlog: int | None
+    accept: AcceptFilter | None
+    max_connections: int | None
+    idle_timeout: float | None
+    message_timeout: float | None
+    send_queue_size: int
+    grace_period: float
+    flush_timeout: float
+    handshake_timeout: float
+    on_connect: Hook | None
+    on_close: Hook | None
+    reuse_port: bool
+    so_sndbuf: int | None
+    so_rcvbuf: int | None
+
+
+@attrs.frozen
+class ServerStats:
+    """A snapshot of a server's counters.
+
+    .. versionadded:: 0.1
+    """
+
+    #: Connections admitted (past the accept filter and TLS handshake).
+    accepted: int
+    #: Clients refused by the accept filter.
+    rejected: int
+    #: Connections open now.
+    open: int
+    #: Connections ended, by close reason (refused clients count as REJECTED).
+    closed: Mapping[CloseReason, int]
+    #: Bytes received on every connection, open or closed.
+    bytes_received: int
+    #: Bytes sent on every connection, open or closed.
+    bytes_sent: int
+
+
+class Server:
+    """A running TCP server.  Get one from :func:`serve_tcp` or :func:`open_tcp_server`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        listeners: list[socket.socket],
+        handler: Handler,
+        options: ServerOptions,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._listeners = listeners
+        self._handler = handler
+        self._options = options
+        self._nursery = nursery
+        # Open connections (insertion-ordered), and the cancel scope of every
+        # running handler, open connection or not.
+        self._connections: dict[Connection, None] = {}
+        self._handler_scopes: set[trio.CancelScope] = set()
+        self._tasks = 0
+        self._all_done = trio.Event()
+        self._all_done.set()
+        self._accepting = trio.CancelScope()
+        self._closing = False
+        self._stopped = trio.Event()
+        self._slots = (
+            trio.Semaphore(options.max_connections) if options.max_connections else None
+        )
+        self._accepted = 0
+        self._rejected = 0
+        self._closed: Counter[CloseReason] = Counter()
+        self._bytes_received = 0
+        self._bytes_sent = 0
+        self._errors: deque[BaseException] = deque(maxlen=_ERRORS_KEPT)
+        self.addresses: list[Address] = [sock.getsockname() for sock in listeners]
+        """Every bound address, as ``getsockname()`` gives it."""
+        self.port: int = self.addresses[0][1]
+        """The port, the same for every address."""
+        self.framing = options.framing
+        """The framing of every connection (and of :meth:`broadcast`)."""
+
+    def __repr__(self) -> str:
+        return f"<trionet.Server {self.addresses} open={len(self._connections)}>"
+
+    @property
+    def connections(self) -> list[Connection]:
+        """A snapshot of the open connections."""
+        return list(self._connections)
+
+    @property
+    def handler_errors(self) -> list[BaseException]:
+        """The most recent exceptions that escaped a handler (at most 100)."""
+        return list(self._errors)
+
+    @property
+    def stats(self) -> ServerStats:
+        """A snapshot of the counters."""
+        conns = self._connections
+        return ServerStats(
+            accepted=self._accepted,
+            rejected=self._rejected,
+            open=len(conns),
+            closed=dict(self._closed),
+            bytes_received=self._bytes_received + sum(c.bytes_received for c in conns),
+            bytes_sent=self._bytes_sent + sum(c.bytes_sent for c in conns),
+        )
+
+    async def broadcast(self, message: bytes | bytearray | memoryview | str) -> None:
+        """Send ``message`` to every open connection, without waiting on any.
+
+        The message is encoded once with the server's framing (raw bytes when
+        it has none).  It joins each connection's outgoing queue in order with
+        that connection's own sends.  A connection whose queue is full is
+        closed with :attr:`CloseReason.SLOW_CONSUMER`; every other connection
+        still gets the message.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        framing = self._options.framing
+        data = as_bytes(message) if framing is None else framing.encode(message)
+        for conn in list(self._connections):
+            conn.send_nowait(data)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    # -------------------------------------------------------------- accepting
+
+    async def _accept_all(self) -> None:
+        try:
+            with self._accepting:
+                async with trio.open_nursery() as nursery:
+                    for sock in self._listeners:
+                        nursery.start_soon(self._accept_loop, sock)
+        finally:
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            if sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            if self._slots is not None:
+                await self._slots.acquire()
+            try:
+                sock = await self._accept(listener)
+            except BaseException:
+                if self._slots is not None:
+                    self._slots.release()
+                raise
+            self._tasks += 1
+            self._all_done = trio.Event() if self._all_done.is_set() else self._all_done
+            self._nursery.start_soon(self._run_connection, sock)
+
+    async def _accept(self, listener: socket.socket) -> socket.socket:
+        while True:
+            try:
+                sock, _address = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    logger.error(
+                        "accept on %s failed (%s); pausing %.2f s",
+                        listener.getsockname(),
+                        errno.errorcode.get(exc.errno or 0, exc.errno),
+                        ACCEPT_BACKOFF,
+                    )
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                if exc.errno in _ACCEPT_CLIENT_ERRORS:
+                    continue
+                raise
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return sock
+
+    # ------------------------------------------------------------ connections
+
+    async def _open(self, sock: socket.socket) -> Connection | None:
+        """Filter, handshake and wrap one accepted socket; None if it ends here."""
+        options = self._options
+        if options.accept is not None:
+            try:
+                address = sock.getpeername()
+                admitted = await call_maybe_async(options.accept, address)
+            except Exception:
+                logger.exception("accept filter failed; refusing the client")
+                admitted = False
+            if not admitted:
+                sock.close()
+                self._rejected += 1
+                self._closed[CloseReason.REJECTED] += 1
+                return None
+        if options.ssl_context is None:
+            transport: SocketTransport | StreamTransport = SocketTransport(sock)
+        else:
+            tls = trio.SSLStream(
+                trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+                options.ssl_context,
+                server_side=True,
+            )
+            reason = None
+            with trio.move_on_after(options.handshake_timeout) as scope:
+                try:
+                    await tls.do_handshake()
+                except (trio.BrokenResourceError, OSError) as exc:
+                    logger.info("TLS handshake failed: %r", exc.__cause__ or exc)
+                    reason = CloseReason.ERROR
+            if scope.cancelled_caught:
+                logger.info("TLS handshake timed out")
+                reason = CloseReason.TIMEOUT
+            if reason is not None:
+                await trio.aclose_forcefully(tls)
+                self._closed[reason] += 1
+                return None
+            transport = StreamTransport(tls)
+        conn = Connection._over(
+            transport,
+            options.framing,
+            writer_nursery=self._nursery,
+            send_queue_size=options.send_queue_size,
+            flush_timeout=options.flush_timeout,
+        )
+        conn.idle_timeout = options.idle_timeout
+        conn.message_timeout = options.message_timeout
+        conn._on_closed = self._connection_closed
+        return conn
+
+    def _connection_closed(self, conn: Connection) -> None:
+        # The connection leaves the registry the moment it closes, whatever
+        # its handler is doing.
+        if conn in self._connections:
+            del self._connections[conn]
+            assert conn.close_reason is not None
+            self._closed[conn.close_reason] += 1
+            self._bytes_received += conn.bytes_received
+            self._bytes_sent += conn.bytes_sent
+
+    async def _run_connection(self, sock: socket.socket) -> None:
+        conn = None
+        try:
+            try:
+                conn = await self._open(sock)
+            except OSError as exc:
+                # The client left before we could look at it.
+                logger.debug("connection lost while opening: %r", exc)
+                sock.close()
+                self._closed[CloseReason.ERROR] += 1
+            if conn is not None:
+                await self._serve_connection(conn)
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+            self._tasks -= 1
+            if self._tasks == 0:
+                self._all_done.set()
+
+    async def _serve_connection(self, conn: Connection) -> None:
+        options = self._options
+        scope = trio.CancelScope()
+        self._connections[conn] = None
+        self._handler_scopes.add(scope)
+        self._accepted += 1
+        try:
+            if options.on_connect is not None:
+                await self._call_hook(options.on_connect, conn)
+            with scope:
+                if self._closing:
+                    scope.cancel()
+                try:
+                    await self._handler(conn)
+                except ConnectionClosed as exc:
+                    if conn.close_reason is None:
+                        self._handler_failed(conn, exc)
+                except Exception as exc:
+                    self._handler_failed(conn, exc)
+            reason = (
+                CloseReason.SHUTDOWN
+                if scope.cancelled_caught
+                else CloseReason.CLOSED_BY_HOST
+            )
+            await conn._finish(reason)
+        finally:
+            self._handler_scopes.discard(scope)
+            conn._close_now(CloseReason.SHUTDOWN)  # if the handler was cancelled
+            if options.on_close is not None:
+                with trio.CancelScope(shield=True):
+                    await self._call_hook(options.on_close, conn)
+
+    def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
+        logger.error("handler for %r raised", conn, exc_info=exc)
+        self._errors.append(exc)
+        conn._close_now(CloseReason.ERROR)
+
+    async def _call_hook(self, hook: Hook, conn: Connection) -> None:
+        try:
+            await call_maybe_async(hook, conn)
+        except Exception:
+            logger.exception(
+                "%s hook failed for %r", getattr(hook, "__name__", hook), conn
+            )
+
+    # -------------------------------------------------------------- shutdown
+
+    async def aclose(self, grace_period: float | None = None) -> None:
+        """Shut down gracefully.
+
+        Stop accepting at once; give handlers ``grace_period`` seconds (default:
+        the server's ``grace_period`` option) to finish; cancel the rest; flush
+        what every connection queued (bounded by ``flush_timeout``); close
+        connections still open with :attr:`CloseReason.SHUTDOWN`.  Returns when
+        every connection is closed.
+        """
+        if grace_period is None:
+            grace_period = self._options.grace_period
+        self._closing = True
+        self._accepting.cancel()
+        self._close_listeners()
+        with trio.move_on_after(grace_period):
+            await self._all_done.wait()
+        for scope in self._handler_scopes:
+            scope.cancel()
+        await self._all_done.wait()
+        self._stopped.set()
+
+
+async def serve_tcp(
+    handler: Handler,
+    port: int,
+    *,
+    host: str | Sequence[str] | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[_OptionsDict],
+) -> None:
+    """Serve TCP: run ``handler(conn)`` in a task of its own for each client.
+
+    Use it trio-style; it runs until cancelled or until
+    :meth:`Server.aclose` returns::
+
+        server = await nursery.start(trionet.serve_tcp, handler, 0)
+        print(server.port)
+
+    Args:
+        handler: ``async def handler(conn: trionet.Connection)``.  When it
+            returns the connection is closed (CLOSED_BY_HOST unless the peer
+            closed first); an exception escaping it is logged on the
+            ``"trionet"`` logger and closes only that connection (ERROR).
+        port: TCP port; 0 picks a free one, shared by every listen address.
+        host: address or name to listen on, or a sequence of them; None
+            listens on every interface (IPv4 and IPv6).
+        handler_nursery: run connection tasks here instead of in a nursery of
+            the server's own.
+        **options: see :class:`ServerOptions` (framing, ssl_context, backlog,
+            accept, max_connections, idle_timeout, message_timeout,
+            send_queue_size, grace_period, flush_timeout, handshake_timeout,
+            on_connect, on_close, reuse_port, so_sndbuf, so_rcvbuf).
+
+    .. versionadded:: 0.1
+    """
+    opts = ServerOptions(**options)
+    hosts: list[str | None] = (
+        [host] if host is None or isinstance(host, str) else list(host)
+    )
+    listeners = open_listeners(
+        hosts,
+        port,
+        backlog=opts.backlog,
+        reuse_port=opts.reuse_port,
+        so_sndbuf=opts.so_sndbuf,
+        so_rcvbuf=opts.so_rcvbuf,
+    )
+    try:
+        async with trio.open_nursery() as own_nursery:
+            server = Server(listeners, handler, opts, handler_nursery or own_nursery)
+            own_nursery.start_soon(server._accept_all)
+            task_status.started(server)
+            await server._stopped.wait()
+            own_nursery.cancel_scope.cancel()
+    finally:
+        for sock in listeners:
+            if sock.fileno() >= 0:
+                sock.close()
+
+
+@asynccontextmanager
+async def open_tcp_server(
+    handler: Handler,
+    port: int = 0,
+    *,
+    host: str | Sequence[str] | None = "127.0.0.1",
+    **options: Unpack[_OptionsDict],
+) -> AsyncIterator[Server]:
+    """A TCP server scoped to an ``async with`` block.
+
+    ::
+
+        async with trionet.open_tcp_server(handler, framing=trionet.Lines()) as server:
+            async with trionet.connect_tcp("127.0.0.1", server.port) as conn:
+                ...
+
+    Leaving the block shuts the server down gracefully (see
+    :meth:`Server.aclose`; the ``grace_period`` option sets how long).
+    Exceptions raised in the block reach the caller as themselves.  Takes the
+    same arguments as :func:`serve_tcp`.
+
+    .. versionadded:: 0.1
+    """
+    with unwrap_single_exception():
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(
+                _serve_with_options, handler, port, host, options
+            )
+            try:
+                yield server
+            finally:
+                await server.aclose()
+
+
+async def _serve_with_options(
+    handler: Handler,
+    port: int,
+    host: str | Sequence[str] | None,
+    options: _OptionsDict,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve_tcp(handler, port, host=host, task_status=task_status, **options)
+
+
+for _obj in (Server, ServerOptions, ServerStats, serve_tcp, open_tcp_server):
+    _obj.__module__ = "trionet"

@@ -1,0 +1,235 @@
+"""Transports move bytes between a socket (or any trio stream) and a Connection.
+
+How this works
+--------------
+trio's own ``SocketStream`` passes through the scheduler on every
+``receive_some`` and ``send_all``, even when the socket was ready.  For plain
+TCP, :class:`SocketTransport` drives a non-blocking stdlib socket itself:
+
+* a receive tries ``recv_into`` first and only waits
+  (:func:`trio.lowlevel.wait_readable`) when the kernel has nothing; when it
+  did not have to wait it still yields once, so one busy connection cannot
+  starve the others -- one scheduler pass per received *chunk*, not per
+  message;
+* a send tries ``send`` first, synchronously, and only waits
+  (:func:`trio.lowlevel.wait_writable`) for what the kernel did not take.
+
+Received bytes land in a scratch buffer shared by every connection of the
+thread and are appended to the connection's own :class:`ReceiveBuffer` before
+anything awaits, so an idle connection holds no receive buffer at all.
+
+Every other stream (TLS, in-memory streams, user wrappers) goes through
+:class:`StreamTransport`, which simply awaits the stream's methods.
+
+Errors are translated in :class:`~trionet._connection.Connection`, the one
+place that knows which close reason they mean.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any, TypeAlias
+
+import trio
+
+from ._codec import ReceiveBuffer
+
+__all__ = ["Address", "SocketTransport", "StreamTransport", "Transport"]
+
+#: A socket address as ``getsockname()`` gives it.
+Address: TypeAlias = tuple[Any, ...]
+
+#: Bytes asked of the kernel per receive.
+RECEIVE_SIZE = 65536
+
+_scratch = threading.local()
+
+
+def _scratch_view() -> memoryview:
+    view: memoryview | None = getattr(_scratch, "view", None)
+    if view is None:
+        view = _scratch.view = memoryview(bytearray(RECEIVE_SIZE))
+    return view
+
+
+class Transport:
+    """What a Connection needs from the bytes underneath it."""
+
+    __slots__ = ("local_address", "remote_address")
+
+    def __init__(self, local: Address | None, remote: Address | None) -> None:
+        self.local_address = local
+        self.remote_address = remote
+
+    async def receive_into(self, buffer: ReceiveBuffer) -> int:
+        """Wait for bytes, append them to ``buffer``; 0 means end of stream."""
+        raise NotImplementedError
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Send what the kernel takes now, without waiting; return the byte count."""
+        raise NotImplementedError
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        """Send everything, waiting for room as needed."""
+        raise NotImplementedError
+
+    async def send_eof(self) -> None:
+        """Half-close: no more bytes will be sent."""
+        raise NotImplementedError
+
+    def close(self) -> bool:
+        """Close at once if that can be done without awaiting; report whether it was."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Close, awaiting whatever the transport needs."""
+        raise NotImplementedError
+
+
+def _addresses(sock: socket.socket | trio.socket.SocketType) -> tuple[Address, Address]:
+    local = sock.getsockname()
+    try:
+        remote = sock.getpeername()
+    except OSError:
+        remote = None
+    return local, remote
+
+
+class SocketTransport(Transport):
+    """A non-blocking stdlib socket driven with trio's I/O waits."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        super().__init__(*_addresses(sock))
+
+    @classmethod
+    def from_trio_socket(cls, sock: trio.socket.SocketType) -> SocketTransport:
+        """Take over the file descriptor of a trio socket (which is detached)."""
+        family, type_, proto = sock.family, sock.type, sock.proto
+        return cls(socket.socket(family, type_, proto, fileno=sock.detach()))
+
+    async def receive_into(self, buffer: ReceiveBuffer) -> int:
+        sock = self._sock
+        view = _scratch_view()
+        try:
+            count = sock.recv_into(view)
+        except BlockingIOError:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    count = sock.recv_into(view)
+                except BlockingIOError:
+                    continue
+                buffer.feed(view[:count])
+                return count
+        buffer.feed(view[:count])
+        # The kernel had bytes ready: still pass through the scheduler once
+        # per chunk, so that a busy connection cannot starve the others.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return count
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        sock = self._sock
+        view = memoryview(data)
+        with view:
+            while view:
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                view = view[sent:]
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> bool:
+        if self._sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+        return True
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+
+def _close_sync(stream: object) -> bool:
+    # Close a stream without awaiting, where its type allows it.
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
+        return True
+    if isinstance(stream, trio.SSLStream):
+        return _close_sync(stream.transport_stream)
+    if isinstance(stream, trio.StapledStream):
+        return _close_sync(stream.send_stream) & _close_sync(stream.receive_stream)
+    close = getattr(stream, "close", None)
+    if callable(close):
+        close()
+        return True
+    inner = getattr(stream, "transport_stream", None) or getattr(stream, "stream", None)
+    return inner is not None and _close_sync(inner)
+
+
+class StreamTransport(Transport):
+    """Any :class:`trio.abc.Stream`: TLS, in-memory streams, wrappers."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        sock = _find_socket(stream)
+        local, remote = _addresses(sock) if sock is not None else (None, None)
+        super().__init__(local, remote)
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        return self._stream
+
+    async def receive_into(self, buffer: ReceiveBuffer) -> int:
+        data = await self._stream.receive_some(RECEIVE_SIZE)
+        buffer.feed(data)
+        return len(data)
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        return 0
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def send_eof(self) -> None:
+        stream = self._stream
+        if not isinstance(stream, trio.abc.HalfCloseableStream):
+            raise TypeError(f"{type(stream).__name__} cannot half-close")
+        await stream.send_eof()
+
+    def close(self) -> bool:
+        return _close_sync(self._stream)
+
+    async def aclose(self) -> None:
+        # A graceful close (TLS sends close_notify); forceful if cancelled.
+        await self._stream.aclose()
+
+
+def _find_socket(stream: object) -> trio.socket.SocketType | None:
+    for _ in range(8):
+        if isinstance(stream, trio.SocketStream):
+            return stream.socket
+        inner = getattr(stream, "transport_stream", None)
+        if inner is None:
+            return None
+        stream = inner
+    return None

@@ -1,0 +1,11 @@
+"""Tools for testing code built on trionet (and trio streams in general).
+
+.. versionadded:: 0.1
+"""
+
+from ._faults import ChunkedStream as ChunkedStream
+from ._faults import DelayedStream as DelayedStream
+from ._faults import ResetAfter as ResetAfter
+from ._faults import StallAfter as StallAfter
+
+# connection_pair and friends are added by the core
