@@ -133,11 +133,12 @@ async def test_broadcast_and_send_share_one_order() -> None:
         await conn.send(b"handler-2")
         await trio.sleep_forever()
 
-    async with trionet.open_tcp_server(
-        handler, framing=trionet.Lines(), grace_period=0
-    ) as server, trionet.connect_tcp(
-        "127.0.0.1", server.port, framing=trionet.Lines()
-    ) as conn:
+    async with (
+        trionet.open_tcp_server(
+            handler, framing=trionet.Lines(), grace_period=0
+        ) as server,
+        trionet.connect_tcp("127.0.0.1", server.port, framing=trionet.Lines()) as conn,
+    ):
         assert await conn.receive() == b"handler-1"
         await server.broadcast("broadcast-1")
         gate.set()
