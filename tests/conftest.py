@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -67,3 +67,23 @@ async def open_pair(
 @pytest.fixture(params=PAIR_KINDS)
 def pair_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+def _open_fds() -> set[str]:
+    import os
+
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_file_descriptors() -> Iterator[None]:
+    """Every test closes every socket it opened (Linux only)."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    before = _open_fds()
+    yield
+    leaked = _open_fds() - before
+    assert not leaked, f"file descriptors left open: {sorted(leaked)}"

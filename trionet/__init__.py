@@ -26,7 +26,7 @@ from ._server import ServerStats as ServerStats
 from ._server import open_tcp_server as open_tcp_server
 from ._server import serve_tcp as serve_tcp
 
-# --- datagrams (issue: Datagrams) ---
+# datagrams
 from ._udp import Datagram as Datagram
 from ._udp import DatagramError as DatagramError
 from ._udp import DatagramTooLarge as DatagramTooLarge
