@@ -318,3 +318,38 @@ async def test_half_close_still_gets_the_reply() -> None:
         assert server.close_reason is CloseReason.CLOSED_BY_PEER
         await server.send(b"reply after the peer's EOF")
         assert await client.receive() == b"reply after the peer's EOF"
+
+
+async def test_batched_messages_before_bad_data_are_delivered(pair_kind: str) -> None:
+    framing = trionet.Lines(max_length=4)
+    async with open_pair(pair_kind, framing=framing) as (client, server):
+        await client.send_all(b"a\nbb\nccc\n" + b"x" * 10 + b"\n")
+        assert [await server.receive() for _ in range(3)] == [b"a", b"bb", b"ccc"]
+        with pytest.raises(trionet.LineTooLong):
+            await server.receive()
+        assert server.close_reason is CloseReason.PROTOCOL_ERROR
+
+
+async def test_message_right_before_bad_data_is_delivered(pair_kind: str) -> None:
+    framing = trionet.Lines(max_length=4)
+    async with open_pair(pair_kind, framing=framing) as (client, server):
+        await client.send_all(b"good\n" + b"x" * 10 + b"\n")
+        assert await server.receive() == b"good"
+        with pytest.raises(trionet.LineTooLong):
+            await server.receive()
+
+
+async def test_switching_modes_after_a_batch_loses_nothing(pair_kind: str) -> None:
+    async with open_pair(pair_kind, framing=trionet.Lines()) as (client, server):
+        frame = trionet.Frames().encode(b"framed")
+        await client.send_all(b"one\ntwo\nthree\nRAW" + frame + b"four\n")
+        assert await server.receive() == b"one"  # cuts two and three in a batch
+        assert await server.receive_line() == b"two"
+        assert await server.receive() == b"three"
+        assert await server.receive_exactly(3) == b"RAW"
+        assert await server.receive_frame() == b"framed"
+        server.framing = trionet.Frames()
+        client.framing = trionet.Frames()
+        await client.send(b"five")
+        assert await server.receive_line() == b"four"
+        assert await server.receive() == b"five"

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
@@ -100,6 +101,9 @@ class Connection:
 
     __slots__ = (
         "__weakref__",
+        "_batch_ok",
+        "_framing",
+        "_ready",
         "_cork",
         "_cork_bytes",
         "_drained",
@@ -121,7 +125,6 @@ class Connection:
         "_writer_nursery",
         "bytes_received",
         "bytes_sent",
-        "framing",
         "idle_timeout",
         "message_timeout",
     )
@@ -152,8 +155,15 @@ class Connection:
         if framing is not None and not isinstance(framing, Lines | Frames):
             raise TypeError(f"framing must be Lines, Frames or None, not {framing!r}")
         self._transport = transport
-        self.framing = framing
+        self._framing = framing
         self._receive_buffer = ReceiveBuffer()
+        # Messages of ``_framing`` already cut from the buffer, in order, by a
+        # batched receive; given back to the buffer if another mode is used.
+        self._ready: deque[bytes] = deque()
+        # Whether a receive may cut every whole message at once.  Off after
+        # messages were given back, until more bytes arrive: each byte is cut
+        # in a batch at most once, so mixing modes stays linear.
+        self._batch_ok = True
         self._reason: CloseReason | None = None
         self._eof = False
         self._transport_closed = False
@@ -182,6 +192,30 @@ class Connection:
         self.bytes_sent = 0
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def framing(self) -> Framing | None:
+        """What :meth:`receive`, :meth:`send` and ``async for`` use: a
+        :class:`Lines`, a :class:`Frames`, or None for raw bytes.  May be
+        changed between messages."""
+        return self._framing
+
+    @framing.setter
+    def framing(self, framing: Framing | None) -> None:
+        if framing is not None and not isinstance(framing, Lines | Frames):
+            raise TypeError(f"framing must be Lines, Frames or None, not {framing!r}")
+        self._unready()
+        self._framing = framing
+
+    def _unready(self) -> None:
+        # Give messages cut by a batched receive back to the buffer, encoded
+        # as they arrived, so that another receive mode sees the raw bytes.
+        if self._ready:
+            framing = self._framing
+            assert framing is not None
+            self._receive_buffer.unread(b"".join(map(framing.encode, self._ready)))
+            self._ready.clear()
+            self._batch_ok = False
 
     @property
     def close_reason(self) -> CloseReason | None:
@@ -272,6 +306,7 @@ class Connection:
         except _TRANSPORT_ERRORS as exc:
             raise self._broken(exc) from exc
         self._sends_since_yield = 0
+        self._batch_ok = True
         if self.idle_timeout is not None:
             self._last_receive = trio.current_time()
         if count == 0:
@@ -306,6 +341,7 @@ class Connection:
             raise trio.BusyResourceError("another task is already receiving")
         if self._transport_closed:
             raise self._closed_error()
+        self._unready()
         self._receiving = True
         buffer = self._receive_buffer
         try:
@@ -335,7 +371,7 @@ class Connection:
             IncompleteMessage: the stream ended inside the line.
             ConnectionClosed: the stream ended, or the connection is closed.
         """
-        framing = self.framing if isinstance(self.framing, Lines) else _DEFAULT_LINES
+        framing = self._framing if isinstance(self._framing, Lines) else _DEFAULT_LINES
         return await self._receive_message(framing.extract)
 
     async def receive_exactly(self, n: int) -> bytes:
@@ -361,7 +397,9 @@ class Connection:
             IncompleteMessage: the stream ended inside the frame.
             ConnectionClosed: the stream ended, or the connection is closed.
         """
-        framing = self.framing if isinstance(self.framing, Frames) else _DEFAULT_FRAMES
+        framing = (
+            self._framing if isinstance(self._framing, Frames) else _DEFAULT_FRAMES
+        )
         return await self._receive_message(framing.extract)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -383,11 +421,31 @@ class Connection:
         return await self._receive_message(extract)
 
     async def receive(self) -> bytes:
-        """Receive one message of :attr:`framing` (raw bytes when it is None)."""
-        framing = self.framing
-        if framing is None:
+        """Receive one message of :attr:`framing` (raw bytes when it is None).
+
+        Every whole message of a received chunk is cut at once and handed out
+        by later calls without passing through the scheduler.
+        """
+        ready = self._ready
+        if ready and not self._transport_closed:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return ready.popleft()
+        if self._framing is None:
             return await self.receive_some()
-        return await self._receive_message(framing.extract)
+        return await self._receive_message(self._extract_batch)
+
+    def _extract_batch(self, buffer: ReceiveBuffer) -> bytes | None:
+        framing = self._framing
+        assert framing is not None
+        if not buffer:
+            return None
+        message = framing.extract(buffer)
+        if message is not None and buffer and self._batch_ok:
+            # Cut the rest of the chunk now.  Bad bytes among them stay in the
+            # buffer, and the receive that reaches them raises.
+            with contextlib.suppress(ProtocolError):
+                self._ready.extend(framing.extract_all(buffer))
+        return message
 
     def __aiter__(self) -> Connection:
         return self
@@ -398,6 +456,10 @@ class Connection:
         An end of stream inside a message raises :class:`IncompleteMessage`;
         any other close raises :class:`ConnectionClosed`.
         """
+        ready = self._ready
+        if ready and not self._transport_closed:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return ready.popleft()
         try:
             message = await self.receive()
         except IncompleteMessage:
@@ -406,7 +468,7 @@ class Connection:
             if exc.reason is CloseReason.CLOSED_BY_PEER:
                 raise StopAsyncIteration from None
             raise
-        if not message and self.framing is None:
+        if not message and self._framing is None:
             raise StopAsyncIteration
         return message
 
@@ -427,7 +489,7 @@ class Connection:
             ValueError: ``data`` contains the delimiter; nothing was sent.
             MessageTooLarge: ``data`` is longer than ``max_length``.
         """
-        framing = self.framing if isinstance(self.framing, Lines) else _DEFAULT_LINES
+        framing = self._framing if isinstance(self._framing, Lines) else _DEFAULT_LINES
         await self._send(framing.encode(data))
 
     async def send_frame(self, data: BytesLike | str) -> None:
@@ -436,57 +498,80 @@ class Connection:
         Raises:
             MessageTooLarge: ``data`` is larger than ``max_size``; nothing was sent.
         """
-        framing = self.framing if isinstance(self.framing, Frames) else _DEFAULT_FRAMES
+        framing = (
+            self._framing if isinstance(self._framing, Frames) else _DEFAULT_FRAMES
+        )
         await self._send(framing.encode(data))
 
     async def send(self, message: BytesLike | str) -> None:
         """Send one message of :attr:`framing` (raw bytes when it is None)."""
-        framing = self.framing
-        await self._send(
-            as_bytes(message) if framing is None else framing.encode(message)
-        )
-
-    async def _send(self, data: bytes) -> None:
+        framing = self._framing
+        data = as_bytes(message) if framing is None else framing.encode(message)
+        # (The body of _send, repeated here: this is the hottest path.)
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._check_sendable()
-        if self._writer_nursery is None:
-            await self._send_locked(data)
-            return
-        if self._queue_send is None:
-            self._push(data)
-        else:
-            try:
-                await self._queue_send.send(data)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                raise self._closed_error() from None
+        if not self._try_push(data):
+            await self._send_slow(data)
         self._sends_since_yield += 1
         if self._sends_since_yield >= SENDS_PER_YIELD:
             self._sends_since_yield = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def _push(self, data: bytes) -> None:
-        """Hand ``data`` on without waiting: queue, cork, or straight to the kernel.
+    async def _send(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._try_push(data):
+            await self._send_slow(data)
+        self._sends_since_yield += 1
+        if self._sends_since_yield >= SENDS_PER_YIELD:
+            self._sends_since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _try_push(self, data: bytes) -> bool:
+        """Hand ``data`` on without waiting: cork, queue, or straight to the kernel.
+
+        Returns False when the caller must wait: the queue is full, or the
+        connection has no writer task and sends under its lock.
 
         Raises:
-            trio.WouldBlock: the outgoing queue is full.
-            ConnectionClosed: the transport failed.
+            ConnectionClosed: the connection is closed or the transport failed.
         """
-        if self._queue_send is not None:
-            self._queue_send.send_nowait(data)
-        elif self._cork is not None:
-            self._cork.append(data)
+        if self._transport_closed:
+            raise self._closed_error()
+        if self._writer_nursery is None:
+            return False
+        cork = self._cork
+        if cork is not None:
+            cork.append(data)
             self._cork_bytes += len(data)
             if self._cork_bytes >= MAX_BATCH_BYTES:
                 self._uncork()
-        elif self._receive_buffer:
-            # More input is already buffered, so the handler is about to send
+            return True
+        queue = self._queue_send
+        if queue is not None:
+            try:
+                queue.send_nowait(data)
+            except trio.WouldBlock:
+                return False
+            return True
+        if self._ready or self._receive_buffer:
+            # More input is already here, so the handler is about to send
             # again: hold this back and send the whole batch at once, before
-            # the next wait for input or when this task next yields.
+            # the next wait for input or as soon as this task yields.
             self._cork = [data]
             self._cork_bytes = len(data)
             trio.lowlevel.current_trio_token().run_sync_soon(self._uncork_soon)
-        else:
-            self._write_or_queue(data)
+            return True
+        self._write_or_queue(data)
+        return True
+
+    async def _send_slow(self, data: bytes) -> None:
+        if self._writer_nursery is None:
+            await self._send_locked(data)
+            return
+        assert self._queue_send is not None
+        try:
+            await self._queue_send.send(data)  # backpressure: the queue is full
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise self._closed_error() from None
 
     def _uncork(self) -> None:
         cork = self._cork
@@ -524,10 +609,10 @@ class Connection:
         if self._writer_nursery is None:
             raise RuntimeError("send_nowait needs a connection owned by a server")
         try:
-            self._push(data)
+            accepted = self._try_push(data)
         except ConnectionClosed:
             return False
-        except trio.WouldBlock:
+        if not accepted:
             logger.info("%r: outgoing queue full; closing as slow consumer", self)
             self._close_now(CloseReason.SLOW_CONSUMER)
             return False

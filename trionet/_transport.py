@@ -99,9 +99,13 @@ def _addresses(sock: socket.socket | trio.socket.SocketType) -> tuple[Address, A
 class SocketTransport(Transport):
     """A non-blocking stdlib socket driven with trio's I/O waits."""
 
-    __slots__ = ("_sock",)
+    __slots__ = ("_sock", "_wait_first")
 
     def __init__(self, sock: socket.socket) -> None:
+        # True when the last receive got less than it asked for: the kernel's
+        # buffer is then most likely empty, so wait before the next recv
+        # instead of paying for a recv that fails with EAGAIN.
+        self._wait_first = False
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -117,21 +121,23 @@ class SocketTransport(Transport):
     async def receive_into(self, buffer: ReceiveBuffer) -> int:
         sock = self._sock
         view = _scratch_view()
-        try:
-            count = sock.recv_into(view)
-        except BlockingIOError:
-            while True:
+        waited = self._wait_first
+        if waited:
+            await trio.lowlevel.wait_readable(sock)
+        while True:
+            try:
+                count = sock.recv_into(view)
+            except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
-                try:
-                    count = sock.recv_into(view)
-                except BlockingIOError:
-                    continue
-                buffer.feed(view[:count])
-                return count
+                waited = True
+                continue
+            break
         buffer.feed(view[:count])
-        # The kernel had bytes ready: still pass through the scheduler once
-        # per chunk, so that a busy connection cannot starve the others.
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        self._wait_first = count < RECEIVE_SIZE
+        if not waited:
+            # The kernel had bytes ready: still pass through the scheduler
+            # once per chunk, so that a busy connection cannot starve others.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return count
 
     def send_nowait(self, data: bytes | memoryview) -> int:

@@ -59,6 +59,12 @@ class ReceiveBuffer:
         """Append received bytes."""
         self._data += data
 
+    def unread(self, data: bytes) -> None:
+        """Put ``data`` back at the front (bytes taken out but not consumed)."""
+        if data:
+            self._data[0:0] = data
+            self._scan = 0
+
     def peek(self) -> bytes:
         """A copy of everything buffered (for error reports)."""
         return bytes(self._data)

@@ -64,7 +64,7 @@ class Lines:
             ValueError: ``data`` contains the delimiter.
             MessageTooLarge: ``data`` is longer than ``max_length``.
         """
-        payload = as_bytes(data)
+        payload = data if type(data) is bytes else as_bytes(data)
         if len(payload) > self.max_length:
             raise MessageTooLarge(
                 f"line of {len(payload)} bytes is longer than "
