@@ -6,7 +6,6 @@ the set below and CHANGELOG.md together.
 
 from __future__ import annotations
 
-import enum
 import inspect
 
 import trionet
@@ -69,17 +68,3 @@ def test_testing_exports_live_in_trionet_testing() -> None:
         obj = getattr(trionet.testing, name)
         assert obj.__module__ == "trionet.testing", name
         assert obj.__doc__, f"{name} has no docstring"
-
-
-def test_close_reason_members() -> None:
-    assert issubclass(trionet.CloseReason, enum.Enum)
-    assert [r.name for r in trionet.CloseReason] == [
-        "CLOSED_BY_HOST",
-        "CLOSED_BY_PEER",
-        "TIMEOUT",
-        "ERROR",
-        "PROTOCOL_ERROR",
-        "REJECTED",
-        "SHUTDOWN",
-        "SLOW_CONSUMER",
-    ]

@@ -102,19 +102,19 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "_batch_ok",
-        "_framing",
-        "_ready",
         "_cork",
         "_cork_bytes",
         "_drained",
         "_eof",
         "_flush_timeout",
+        "_framing",
         "_last_receive",
         "_message_started",
         "_on_closed",
         "_queue_receive",
         "_queue_send",
         "_queue_size",
+        "_ready",
         "_reason",
         "_receive_buffer",
         "_receiving",
@@ -506,15 +506,9 @@ class Connection:
     async def send(self, message: BytesLike | str) -> None:
         """Send one message of :attr:`framing` (raw bytes when it is None)."""
         framing = self._framing
-        data = as_bytes(message) if framing is None else framing.encode(message)
-        # (The body of _send, repeated here: this is the hottest path.)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._try_push(data):
-            await self._send_slow(data)
-        self._sends_since_yield += 1
-        if self._sends_since_yield >= SENDS_PER_YIELD:
-            self._sends_since_yield = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._send(
+            as_bytes(message) if framing is None else framing.encode(message)
+        )
 
     async def _send(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -512,7 +512,7 @@ async def serve_tcp(
     hosts: list[str | None] = (
         [host] if host is None or isinstance(host, str) else list(host)
     )
-    listeners = open_listeners(
+    listeners = await open_listeners(
         hosts,
         port,
         backlog=opts.backlog,

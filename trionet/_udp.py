@@ -51,6 +51,7 @@ from ._exceptions import (
     MessageTooLarge,
     TrionetError,
 )
+from ._listeners import bind_sockets
 from ._util import unwrap_single_exception
 
 __all__ = [
@@ -957,54 +958,15 @@ async def open_udp_server(
 async def _bind_server_sockets(
     host: str | None, port: int, max_size: int
 ) -> list[trio.socket.SocketType]:
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
-    )
-    seen: set[tuple[int, Address]] = set()
-    targets = []
-    for family, type_, proto, _, sockaddr in infos:
-        if (family, sockaddr) not in seen:
-            seen.add((family, sockaddr))
-            targets.append((family, type_, proto, sockaddr))
-    for family, *_ in targets:
-        _check_max_size(max_size, family)
-    # With port 0 the first bind picks the port and the others reuse it; if
-    # another family already has it taken, start over (a few times).
-    attempts = 8 if port == 0 else 1
-    for attempt in range(attempts):
-        sockets: list[trio.socket.SocketType] = []
-        try:
-            chosen = port
-            for family, type_, proto, sockaddr in targets:
-                try:
-                    sock = trio.socket.socket(family, type_, proto)
-                except OSError as exc:
-                    if exc.errno == errno.EAFNOSUPPORT:
-                        continue
-                    raise
-                sockets.append(sock)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                await sock.bind((sockaddr[0], chosen, *sockaddr[2:]))
-                chosen = sock.getsockname()[1]
-            if not sockets:
-                raise OSError(
-                    errno.EAFNOSUPPORT,
-                    f"no address family of {host!r} is supported on this system",
-                )
-            return sockets
-        except BaseException as exc:
-            for sock in sockets:
-                sock.close()
-            retry = (
-                isinstance(exc, OSError)
-                and exc.errno == errno.EADDRINUSE
-                and len(sockets) > 1
-                and attempt + 1 < attempts
-            )
-            if not retry:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    sockets = await bind_sockets([host], port, socket.SOCK_DGRAM)
+    try:
+        for sock in sockets:
+            _check_max_size(max_size, sock.family)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return [trio.socket.from_stdlib_socket(sock) for sock in sockets]
 
 
 def _check_server_options(
