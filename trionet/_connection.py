@@ -78,6 +78,12 @@ BytesLike = bytes | bytearray | memoryview
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
+def _checked_framing(framing: Framing | None) -> Framing | None:
+    if framing is not None and not isinstance(framing, Lines | Frames):
+        raise TypeError(f"framing must be Lines, Frames or None, not {framing!r}")
+    return framing
+
+
 class Connection:
     """One byte stream with line, sized and framed receive modes.
 
@@ -152,10 +158,8 @@ class Connection:
         return self
 
     def _setup(self, transport: Transport, framing: Framing | None) -> None:
-        if framing is not None and not isinstance(framing, Lines | Frames):
-            raise TypeError(f"framing must be Lines, Frames or None, not {framing!r}")
         self._transport = transport
-        self._framing = framing
+        self._framing = _checked_framing(framing)
         self._receive_buffer = ReceiveBuffer()
         # Messages of ``_framing`` already cut from the buffer, in order, by a
         # batched receive; given back to the buffer if another mode is used.
@@ -202,8 +206,7 @@ class Connection:
 
     @framing.setter
     def framing(self, framing: Framing | None) -> None:
-        if framing is not None and not isinstance(framing, Lines | Frames):
-            raise TypeError(f"framing must be Lines, Frames or None, not {framing!r}")
+        framing = _checked_framing(framing)
         self._unready()
         self._framing = framing
 

@@ -51,7 +51,8 @@ class CloseReason(enum.Enum):
     REJECTED = "rejected"
     #: The server shut down while the connection was still open.
     SHUTDOWN = "shutdown"
-    #: The peer read too slowly: its outgoing queue overflowed on a broadcast.
+    #: A reader fell too far behind: a connection's outgoing queue overflowed on
+    #: a broadcast, or a channel's buffer overflowed under the "close" policy.
     SLOW_CONSUMER = "slow consumer"
 
     def __repr__(self) -> str:

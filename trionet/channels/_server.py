@@ -1,0 +1,348 @@
+"""Channel servers and clients: serve_tcp / connect_tcp speaking named channels.
+
+How this works
+--------------
+:func:`serve_channels` runs :func:`trionet.serve_tcp` with
+``Frames(max_size=...)`` framing and a handler of its own.  That handler wraps
+each connection in a :class:`ChannelConnection`, registers it, runs its reader
+task beside the user's handler (in a nursery whose one-exception groups are
+unwrapped, so the server sees the handler's own exception), and stops the
+reader when the handler returns.  The TCP server then closes the connection
+as it closes any other.
+
+:meth:`ChannelServer.publish` encodes the channel message once and hands it
+to :meth:`trionet.Server.broadcast`, which queues the same bytes on every
+connection without waiting and closes a client whose queue is full with
+SLOW_CONSUMER.
+
+:func:`connect_channels` opens a client connection and runs the reader task
+for the duration of its block, again unwrapping one-exception groups.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, TypeAlias, TypedDict
+
+import trio
+
+from .._client import connect_tcp
+from .._connection import Connection
+from .._server import AcceptFilter, Hook, Server, ServerStats, serve_tcp
+from .._transport import Address
+from .._util import unwrap_single_exception
+from ._connection import (
+    DEFAULT_CHANNEL_BUFFER,
+    DEFAULT_MAX_CHANNELS,
+    DEFAULT_MAX_SIZE,
+    ChannelConnection,
+    Policy,
+    _Settings,
+)
+from ._wire import encode
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["ChannelServer", "connect_channels", "open_channel_server", "serve_channels"]
+
+ChannelHandler: TypeAlias = Callable[[ChannelConnection], Awaitable[object]]
+
+
+class _TcpOptions(TypedDict, total=False):
+    # ServerOptions without ``framing``, which the channel server sets.
+    ssl_context: ssl.SSLContext | None
+    backlog: int | None
+    accept: AcceptFilter | None
+    max_connections: int | None
+    idle_timeout: float | None
+    message_timeout: float | None
+    send_queue_size: int
+    grace_period: float
+    flush_timeout: float
+    handshake_timeout: float
+    on_connect: Hook | None
+    on_close: Hook | None
+    reuse_port: bool
+    so_sndbuf: int | None
+    so_rcvbuf: int | None
+
+
+class ChannelServer:
+    """A running channel server.  Get one from :func:`serve_channels` or
+    :func:`open_channel_server`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, handler: ChannelHandler, settings: _Settings) -> None:
+        self._handler = handler
+        self._settings = settings
+        self._clients: dict[Connection, ChannelConnection] = {}
+        self._server: Server | None = None
+
+    @property
+    def _tcp(self) -> Server:
+        assert self._server is not None
+        return self._server
+
+    @property
+    def tcp_server(self) -> Server:
+        """The underlying :class:`trionet.Server`."""
+        return self._tcp
+
+    @property
+    def port(self) -> int:
+        """The port, the same for every address."""
+        return self._tcp.port
+
+    @property
+    def addresses(self) -> list[Address]:
+        """Every bound address, as ``getsockname()`` gives it."""
+        return self._tcp.addresses
+
+    @property
+    def max_size(self) -> int:
+        """The largest frame sent or accepted, in bytes."""
+        return self._settings.max_size
+
+    @property
+    def clients(self) -> list[ChannelConnection]:
+        """A snapshot of the open client connections, oldest first."""
+        open_now = set(self._tcp.connections)
+        return [cc for conn, cc in self._clients.items() if conn in open_now]
+
+    @property
+    def stats(self) -> ServerStats:
+        """The TCP server's counters (see :class:`trionet.ServerStats`)."""
+        return self._tcp.stats
+
+    @property
+    def handler_errors(self) -> list[BaseException]:
+        """The most recent exceptions that escaped a handler (at most 100)."""
+        return self._tcp.handler_errors
+
+    def __repr__(self) -> str:
+        return (
+            f"<trionet.channels.ChannelServer {self.addresses} "
+            f"clients={len(self._clients)}>"
+        )
+
+    async def publish(
+        self, channel: str, data: bytes | bytearray | memoryview | str
+    ) -> None:
+        """Send ``data`` on ``channel`` to every open client, waiting on none.
+
+        The message is encoded once.  It joins each client's outgoing queue
+        in order with that client's own messages; a client whose queue is full
+        is closed with :attr:`~trionet.CloseReason.SLOW_CONSUMER` and the
+        others still get the message.
+
+        Raises:
+            TypeError, ValueError: ``channel`` or ``data`` is invalid (see
+                :meth:`ChannelConnection.publish`); nothing was sent.
+            MessageTooLarge: the message does not fit ``max_size``.
+        """
+        await self._tcp.broadcast(encode(channel, data))
+
+    async def aclose(self, grace_period: float | None = None) -> None:
+        """Shut down gracefully (see :meth:`trionet.Server.aclose`)."""
+        await self._tcp.aclose(grace_period)
+
+    async def _handle(self, conn: Connection) -> None:
+        cc = ChannelConnection._create(conn, self._settings)
+        self._clients[conn] = cc
+        try:
+            async with cc._running(close=False):
+                await self._handler(cc)
+        finally:
+            del self._clients[conn]
+
+
+async def serve_channels(
+    handler: ChannelHandler,
+    port: int,
+    *,
+    host: str | Sequence[str] | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    max_size: int = DEFAULT_MAX_SIZE,
+    channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    policy: Policy = "block",
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+    task_status: trio.TaskStatus[ChannelServer] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[_TcpOptions],
+) -> None:
+    """Serve named channels over TCP: ``handler(cc)`` runs once per client.
+
+    Use it trio-style; it runs until cancelled or until
+    :meth:`ChannelServer.aclose` returns::
+
+        async def handler(cc: trionet.channels.ChannelConnection) -> None:
+            async for channel, data in cc:
+                ...
+
+        server = await nursery.start(trionet.channels.serve_channels, handler, 0)
+        await server.publish("news", "hello, everyone")
+
+    The client's connection stays open while the handler runs; when it
+    returns the connection is closed (:attr:`~trionet.CloseReason.CLOSED_BY_HOST`
+    unless something came first).  An exception escaping the handler is logged
+    and closes only that connection, as with :func:`trionet.serve_tcp`.
+
+    Args:
+        handler: ``async def handler(cc: ChannelConnection)``.
+        port: TCP port; 0 picks a free one.
+        host: address or name to listen on, or a sequence of them; None
+            listens on every interface.
+        handler_nursery: run connection tasks here instead of in a nursery of
+            the server's own.
+        max_size, channel_buffer, policy, max_channels: for every client's
+            :class:`ChannelConnection` (``max_size`` also limits
+            :meth:`ChannelServer.publish`).
+        **options: the options of :class:`trionet.ServerOptions` except
+            ``framing`` (ssl_context, backlog, accept, max_connections,
+            idle_timeout, message_timeout, send_queue_size, grace_period,
+            flush_timeout, handshake_timeout, on_connect, on_close,
+            reuse_port, so_sndbuf, so_rcvbuf).  ``on_connect`` and
+            ``on_close`` get the :class:`trionet.Connection`.
+
+    .. versionadded:: 0.1
+    """
+    settings = _Settings(
+        max_size=max_size,
+        channel_buffer=channel_buffer,
+        policy=policy,
+        max_channels=max_channels,
+    )
+    channel_server = ChannelServer(handler, settings)
+
+    async def run_tcp(task_status: trio.TaskStatus[Server]) -> None:
+        await serve_tcp(
+            channel_server._handle,
+            port,
+            host=host,
+            handler_nursery=handler_nursery,
+            framing=settings.framing,
+            task_status=task_status,
+            **options,
+        )
+
+    async with trio.open_nursery() as nursery:
+        channel_server._server = await nursery.start(run_tcp)
+        task_status.started(channel_server)
+
+
+@asynccontextmanager
+async def open_channel_server(
+    handler: ChannelHandler,
+    port: int = 0,
+    *,
+    host: str | Sequence[str] | None = "127.0.0.1",
+    max_size: int = DEFAULT_MAX_SIZE,
+    channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    policy: Policy = "block",
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+    **options: Unpack[_TcpOptions],
+) -> AsyncIterator[ChannelServer]:
+    """A channel server scoped to an ``async with`` block.
+
+    ::
+
+        async with trionet.channels.open_channel_server(handler) as server:
+            async with trionet.channels.connect_channels(
+                "127.0.0.1", server.port
+            ) as cc:
+                ...
+
+    Leaving the block shuts the server down gracefully (see
+    :meth:`ChannelServer.aclose`).  Exceptions raised in the block reach the
+    caller as themselves.  Takes the same arguments as :func:`serve_channels`.
+
+    .. versionadded:: 0.1
+    """
+    with unwrap_single_exception():
+        async with trio.open_nursery() as nursery:
+
+            async def run(task_status: trio.TaskStatus[ChannelServer]) -> None:
+                await serve_channels(
+                    handler,
+                    port,
+                    host=host,
+                    max_size=max_size,
+                    channel_buffer=channel_buffer,
+                    policy=policy,
+                    max_channels=max_channels,
+                    task_status=task_status,
+                    **options,
+                )
+
+            server: ChannelServer = await nursery.start(run)
+            try:
+                yield server
+            finally:
+                await server.aclose()
+
+
+@asynccontextmanager
+async def connect_channels(
+    host: str,
+    port: int,
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    policy: Policy = "block",
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    connect_timeout: float = 10.0,
+) -> AsyncIterator[ChannelConnection]:
+    """Connect to a channel server; use with ``async with``.
+
+    ::
+
+        async with trionet.channels.connect_channels("127.0.0.1", port) as cc:
+            await cc.publish("test", "client is connected!")
+            print(await cc.receive("news"))
+
+    The reader task runs while the block does; leaving the block closes the
+    connection (after flushing what was published).  Exceptions raised in
+    the block reach the caller as themselves.
+
+    Args:
+        host: name or address to connect to.
+        port: TCP port.
+        max_size, channel_buffer, policy, max_channels: see
+            :class:`ChannelConnection`.
+        ssl_context: speak TLS with this context.
+        server_hostname: the name the server's certificate must carry
+            (default ``host``).
+        connect_timeout: seconds allowed for connecting and the TLS handshake.
+
+    Raises:
+        ConnectError: connecting failed (see :func:`trionet.connect_tcp`).
+
+    .. versionadded:: 0.1
+    """
+    settings = _Settings(
+        max_size=max_size,
+        channel_buffer=channel_buffer,
+        policy=policy,
+        max_channels=max_channels,
+    )
+    conn = await connect_tcp(
+        host,
+        port,
+        framing=settings.framing,
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
+        connect_timeout=connect_timeout,
+    )
+    cc = ChannelConnection._create(conn, settings)
+    async with cc._running(close=True):
+        yield cc
+
+
+for _obj in (ChannelServer, serve_channels, open_channel_server, connect_channels):
+    _obj.__module__ = "trionet.channels"
