@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 
 import pytest
 import trio
@@ -11,6 +12,9 @@ import trio.testing
 
 import trionet
 from trionet import CloseReason, ConnectError, ConnectionClosed
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
 
 
 def _has_ipv6_loopback() -> bool:
@@ -201,3 +205,18 @@ async def test_cancelling_serve_tcp_closes_connections_with_shutdown() -> None:
         await conn.receive_line()
     assert info.value.reason is CloseReason.CLOSED_BY_PEER
     await conn.aclose()
+
+
+async def test_empty_server_block_closes_cleanly() -> None:
+    # The block ends before the accept loop has run once.
+    async with trionet.open_tcp_server(echo_lines) as server:
+        pass
+    assert server.stats.open == 0
+
+
+async def test_body_exception_group_is_not_double_wrapped() -> None:
+    with pytest.raises(ExceptionGroup) as info:
+        async with trionet.open_tcp_server(echo_lines):
+            raise ExceptionGroup("mine", [ValueError("inner")])
+    assert info.value.message == "mine"
+    assert [type(e) for e in info.value.exceptions] == [ValueError]

@@ -36,7 +36,7 @@ import ssl
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypedDict
 
 import attrs
 import trio
@@ -58,6 +58,36 @@ logger = logging.getLogger("trionet")
 Handler: TypeAlias = Callable[[Connection], Awaitable[object]]
 AcceptFilter: TypeAlias = Callable[[Address], "bool | Awaitable[bool]"]
 Hook: TypeAlias = Callable[[Connection], "object | Awaitable[object]"]
+
+
+class Backplane(Protocol):
+    """What a server needs of a backplane (see :doc:`/scaling`).
+
+    :class:`trionet.channels.RedisBackplane` is the one trionet ships.  The
+    server calls :meth:`serve` once, before it accepts anyone, calls
+    :meth:`publish` from :meth:`Server.broadcast` before it delivers locally,
+    and :meth:`flush` once its connections are closed.
+
+    .. versionadded:: 0.1
+    """
+
+    async def serve(
+        self,
+        deliver: Callable[[bytes], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until cancelled, calling ``deliver(message)`` for each message
+        another process published; report started once ready (or once the
+        first connection attempt failed)."""
+
+    def publish(self, message: bytes) -> None:
+        """Send ``message`` to every other process without waiting;
+        raise :class:`MessageTooLarge` if it is over the backplane's limit."""
+
+    async def flush(self, max_wait: float) -> None:
+        """Wait up to ``max_wait`` seconds for published messages to leave."""
+
 
 #: Accept errors that mean "no resources right now": wait and try again.
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -143,6 +173,10 @@ class ServerOptions:
     so_rcvbuf: int | None = attrs.field(
         default=None, validator=_optional_positive("so_rcvbuf")
     )
+    #: Make :meth:`Server.broadcast` reach the clients of every server on the
+    #: same backplane (other processes and hosts), for example a
+    #: :class:`trionet.channels.RedisBackplane`.  See :doc:`/scaling`.
+    backplane: Backplane | None = None
 
 
 class _OptionsDict(TypedDict, total=False):
@@ -162,6 +196,7 @@ class _OptionsDict(TypedDict, total=False):
     reuse_port: bool
     so_sndbuf: int | None
     so_rcvbuf: int | None
+    backplane: Backplane | None
 
 
 @attrs.frozen
@@ -262,13 +297,32 @@ class Server:
         that connection's own sends.  A connection whose queue is full is
         closed with :attr:`CloseReason.SLOW_CONSUMER`; every other connection
         still gets the message.
+
+        With a ``backplane``, the message is also published to every other
+        server on that backplane, which deliver it to their own clients the
+        same way (see :doc:`/scaling`).
+
+        Raises:
+            MessageTooLarge: the message does not fit the framing's limit or
+                the backplane's; nobody was sent anything.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         framing = self._options.framing
         data = as_bytes(message) if framing is None else framing.encode(message)
+        backplane = self._options.backplane
+        if backplane is not None:
+            backplane.publish(as_bytes(message))
+        self._deliver(data)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _deliver(self, data: bytes) -> None:
         for conn in list(self._connections):
             conn.send_nowait(data)
-        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _deliver_remote(self, message: bytes) -> None:
+        # A message another server published on the backplane.
+        framing = self._options.framing
+        self._deliver(message if framing is None else framing.encode(message))
 
     # -------------------------------------------------------------- accepting
 
@@ -289,6 +343,8 @@ class Server:
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         while True:
+            # (The server may have been closed before this task first ran.)
+            await trio.lowlevel.checkpoint_if_cancelled()
             if self._slots is not None:
                 await self._slots.acquire()
             try:
@@ -504,7 +560,8 @@ async def serve_tcp(
         **options: see :class:`ServerOptions` (framing, ssl_context, backlog,
             accept, max_connections, idle_timeout, message_timeout,
             send_queue_size, grace_period, flush_timeout, handshake_timeout,
-            on_connect, on_close, reuse_port, so_sndbuf, so_rcvbuf).
+            on_connect, on_close, reuse_port, so_sndbuf, so_rcvbuf,
+            backplane).
 
     .. versionadded:: 0.1
     """
@@ -523,9 +580,13 @@ async def serve_tcp(
     try:
         async with trio.open_nursery() as own_nursery:
             server = Server(listeners, handler, opts, handler_nursery or own_nursery)
+            if opts.backplane is not None:
+                await own_nursery.start(opts.backplane.serve, server._deliver_remote)
             own_nursery.start_soon(server._accept_all)
             task_status.started(server)
             await server._stopped.wait()
+            if opts.backplane is not None:
+                await opts.backplane.flush(opts.flush_timeout)
             own_nursery.cancel_scope.cancel()
     finally:
         for sock in listeners:

@@ -30,15 +30,13 @@ def unwrap_single_exception() -> Iterator[None]:
 
     trio wraps everything a nursery raises -- even the exception raised by the
     body of its ``async with`` -- in an ExceptionGroup.  When the group holds
-    exactly one exception, raise that exception instead, with its own cause
-    and context unchanged.
+    exactly one exception (which may itself be a group the body raised), raise
+    that exception instead, with its own cause and context unchanged.
     """
     try:
         yield
     except BaseExceptionGroup as group:
-        if len(group.exceptions) != 1 or isinstance(
-            group.exceptions[0], BaseExceptionGroup
-        ):
+        if len(group.exceptions) != 1:
             raise
         exc = group.exceptions[0]
         cause, context, suppress = (

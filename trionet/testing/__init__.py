@@ -7,5 +7,4 @@ from ._faults import ChunkedStream as ChunkedStream
 from ._faults import DelayedStream as DelayedStream
 from ._faults import ResetAfter as ResetAfter
 from ._faults import StallAfter as StallAfter
-
-# connection_pair and friends are added by the core
+from ._pairs import connection_pair as connection_pair
