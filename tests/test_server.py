@@ -220,3 +220,18 @@ async def test_body_exception_group_is_not_double_wrapped() -> None:
             raise ExceptionGroup("mine", [ValueError("inner")])
     assert info.value.message == "mine"
     assert [type(e) for e in info.value.exceptions] == [ValueError]
+
+
+async def test_protocol_error_escaping_a_handler_is_no_handler_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with trionet.open_tcp_server(
+        echo_lines, framing=trionet.Lines(max_length=4)
+    ) as server:
+        async with trionet.connect_tcp("127.0.0.1", server.port) as conn:
+            await conn.send_all(b"far too long\n")
+            assert await conn.receive_some() == b""
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.stats.closed == {CloseReason.PROTOCOL_ERROR: 1}
+        assert server.handler_errors == []
+    assert "raised" not in caplog.text

@@ -43,7 +43,7 @@ import trio
 
 from ._codec import Framing, as_bytes
 from ._connection import DEFAULT_FLUSH_TIMEOUT, DEFAULT_SEND_QUEUE_SIZE, Connection
-from ._exceptions import CloseReason, ConnectionClosed
+from ._exceptions import CloseReason, ConnectionClosed, ProtocolError
 from ._listeners import open_listeners
 from ._transport import Address, SocketTransport, StreamTransport
 from ._util import call_maybe_async, unwrap_single_exception
@@ -475,7 +475,9 @@ class Server:
                     scope.cancel()
                 try:
                     await self._handler(conn)
-                except ConnectionClosed as exc:
+                except (ConnectionClosed, ProtocolError) as exc:
+                    # The connection's own end, already recorded in its close
+                    # reason, is no handler failure.
                     if conn.close_reason is None:
                         self._handler_failed(conn, exc)
                 except Exception as exc:
