@@ -185,7 +185,8 @@ class Connection:
         self._on_closed: Callable[[Connection], None] | None = None
         self._cork_bytes = 0
         #: Seconds without receiving anything before the connection is closed
-        #: with TIMEOUT (checked while a receive waits); None for no limit.
+        #: with TIMEOUT (checked while a receive waits, and while a send of a
+        #: server connection waits on a full queue); None for no limit.
         self.idle_timeout: float | None = None
         #: Seconds allowed to complete one message once its first byte has
         #: arrived, else the connection is closed with TIMEOUT; None for no limit.
@@ -565,10 +566,19 @@ class Connection:
             await self._send_locked(data)
             return
         assert self._queue_send is not None
-        try:
-            await self._queue_send.send(data)  # backpressure: the queue is full
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise self._closed_error() from None
+        # Backpressure: the queue is full.  A peer that reads nothing for
+        # idle_timeout cannot hold this sender for ever.
+        deadline = math.inf
+        if self.idle_timeout is not None:
+            deadline = trio.current_time() + self.idle_timeout
+        with trio.move_on_at(deadline) as scope:
+            try:
+                await self._queue_send.send(data)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise self._closed_error() from None
+        if scope.cancelled_caught:
+            self._close_now(CloseReason.TIMEOUT)
+            raise self._closed_error()
 
     def _uncork(self) -> None:
         cork = self._cork

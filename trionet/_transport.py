@@ -127,11 +127,13 @@ class SocketTransport(Transport):
         while True:
             try:
                 count = sock.recv_into(view)
+                break
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                waited = True
-                continue
-            break
+                pass
+            # (Waiting outside the except block: an idle connection then
+            # keeps no exception and traceback alive.)
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
         buffer.feed(view[:count])
         self._wait_first = count < RECEIVE_SIZE
         if not waited:

@@ -70,9 +70,15 @@ class Lines:
                 f"line of {len(payload)} bytes is longer than "
                 f"max_length={self.max_length}"
             )
-        if self.delimiter in payload:
-            raise ValueError(f"line contains the delimiter {self.delimiter!r}")
-        return payload + self.delimiter
+        wire = payload + self.delimiter
+        # The first delimiter on the wire must be the one appended (a
+        # delimiter like b"\n\n" could otherwise start inside the payload).
+        if wire.find(self.delimiter) != len(payload):
+            raise ValueError(
+                f"line contains the delimiter {self.delimiter!r} "
+                "(or ends with part of it)"
+            )
+        return wire
 
     def extract(self, buffer: ReceiveBuffer) -> bytes | None:
         """Remove one line from ``buffer``, or return None if none is complete."""

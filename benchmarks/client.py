@@ -1,0 +1,371 @@
+"""The one load client every stack is measured with.
+
+Plain non-blocking sockets driven by ``select.epoll`` in a single thread: no
+event loop framework, so the client costs as little CPU as Python allows (on
+a 2-core machine it competes with the server) and is identical for every
+stack.  It runs in the runner's process, never in the server's.
+
+Echo workloads
+--------------
+Each connection repeats *rounds*: send one request (a 64-byte line, a burst
+of 1,000 lines, or one frame), wait until exactly as many bytes came back,
+record the round trip, start the next round.  A warm-up period is not
+counted; then the server's CPU time is read from ``/proc/<pid>``, the
+measured period runs, no new rounds start, every connection finishes its
+round, and the CPU time is read again.  The first reply on every connection
+is compared byte for byte with its request.
+
+Idle workload
+-------------
+Opens connections in batches, echoes one line on each (so the server has
+accepted it and run its handler), and reads the server's ``VmRSS`` from
+``/proc/<pid>/status`` before and after.
+
+Used by ``run.py``; also runnable by hand against a server started by hand::
+
+    python benchmarks/client.py PORT PID pingpong --conns 50 --duration 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import select
+import socket
+import time
+from typing import Any
+
+#: Wire size of one line (63 bytes and the newline).
+LINE_SIZE = 64
+#: Lines in one pipelined burst.
+BURST = 1000
+#: Longest any echo measurement may spend draining after the measured period.
+DRAIN_TIMEOUT = 60.0
+#: The most epoll rounds any one measurement may take.
+MAX_POLLS = 200_000_000
+#: Connections opened (and confirmed) per batch in the idle workload.
+IDLE_BATCH = 250
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------ /proc
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` (all its live threads).
+
+    Summed from ``/proc/<pid>/task/*/schedstat`` (nanoseconds on the CPU) when
+    the kernel has it, else user + system time from ``/proc/<pid>/stat``
+    (10 ms ticks).
+    """
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:  # a thread that just ended
+                continue
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name may contain spaces: fields start after the last ")".
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / _CLOCK_TICKS
+
+
+def server_rss_kib(pid: int) -> int:
+    """Resident set size of process ``pid`` in KiB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one; return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+# --------------------------------------------------------------- requests
+
+
+def line_request() -> bytes:
+    """One 64-byte line."""
+    return b"ping:" + bytes(range(65, 65 + 58)) + b"\n"
+
+
+def burst_request(count: int = BURST) -> bytes:
+    """``count`` distinct 64-byte lines in one piece."""
+    body = bytes(range(65, 65 + 56))
+    return b"".join(b"%06d:" % i + body + b"\n" for i in range(count))
+
+
+def frame_request(size: int) -> bytes:
+    """One frame: a 4-byte big-endian length, then ``size`` pseudo-random bytes."""
+    payload = random.Random(size).randbytes(size)
+    return size.to_bytes(4, "big") + payload
+
+
+# ----------------------------------------------------------------- sockets
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10.0)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    for _ in range(size + 1):
+        if len(data) >= size:
+            break
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+class _Conn:
+    __slots__ = ("check", "fd", "pending", "received", "sock", "started")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pending: memoryview | None = None
+        self.received = 0
+        self.started = 0
+        self.check: bytearray | None = bytearray()
+
+
+def _percentile(sorted_values: list[int], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, int(fraction * len(sorted_values)))
+    return float(sorted_values[index])
+
+
+# ------------------------------------------------------------ echo rounds
+
+
+def run_echo(
+    port: int,
+    pid: int,
+    *,
+    conns: int,
+    request: bytes,
+    messages_per_round: int,
+    duration: float,
+    warmup: float,
+    max_rounds: int = 50_000_000,
+) -> dict[str, Any]:
+    """Measure request/echo rounds over ``conns`` connections.
+
+    Returns messages, wire bytes received, elapsed seconds, server CPU seconds,
+    rounds and the p50/p99 round-trip time in microseconds, all over the
+    measured period only.
+    """
+    expect = len(request)
+    socks = [_connect(port) for _ in range(conns)]
+    poller = select.epoll()
+    scratch = bytearray(1 << 20)
+    by_fd: dict[int, _Conn] = {}
+    read_mask = select.EPOLLIN
+    write_mask = select.EPOLLIN | select.EPOLLOUT
+    for sock in socks:
+        sock.setblocking(False)
+        conn = _Conn(sock)
+        by_fd[conn.fd] = conn
+        poller.register(conn.fd, read_mask)
+
+    def start_round(conn: _Conn) -> None:
+        conn.received = 0
+        conn.started = time.perf_counter_ns()
+        try:
+            sent = conn.sock.send(request)
+        except BlockingIOError:
+            sent = 0
+        if sent < expect:
+            conn.pending = memoryview(request)[sent:]
+            poller.modify(conn.fd, write_mask)
+
+    try:
+        for conn in by_fd.values():
+            start_round(conn)
+        active = len(by_fd)
+        begin = time.perf_counter()
+        warm_end = begin + warmup
+        measure_end = warm_end + duration
+        hard_end = measure_end + DRAIN_TIMEOUT
+        phase = 0  # 0: warm-up, 1: measured, 2: draining
+        rounds = 0
+        latencies: list[int] = []
+        t_start = cpu_start = 0.0
+        for _ in range(MAX_POLLS):
+            if not active:
+                break
+            now = time.perf_counter()
+            if phase == 0 and now >= warm_end:
+                phase = 1
+                cpu_start = server_cpu_seconds(pid)
+                t_start = time.perf_counter()
+            elif phase == 1 and (now >= measure_end or rounds >= max_rounds):
+                phase = 2
+            elif now >= hard_end:
+                raise TimeoutError(f"{active} connections still waiting for echoes")
+            for fd, events in poller.poll(0.1):
+                conn = by_fd[fd]
+                if events & select.EPOLLOUT and conn.pending is not None:
+                    try:
+                        sent = conn.sock.send(conn.pending)
+                    except BlockingIOError:
+                        sent = 0
+                    conn.pending = conn.pending[sent:]
+                    if not conn.pending:
+                        conn.pending = None
+                        poller.modify(fd, read_mask)
+                if not events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    continue
+                try:
+                    count = conn.sock.recv_into(scratch)
+                except BlockingIOError:
+                    continue
+                if count == 0:
+                    raise ConnectionError("server closed a connection mid-benchmark")
+                if conn.check is not None:
+                    conn.check += scratch[:count]
+                conn.received += count
+                if conn.received < expect:
+                    continue
+                if conn.received > expect:
+                    raise ConnectionError("server sent more bytes than it was sent")
+                if conn.check is not None:
+                    if conn.check != request:
+                        raise ConnectionError("server echoed different bytes")
+                    conn.check = None
+                if phase == 1:
+                    rounds += 1
+                    latencies.append(time.perf_counter_ns() - conn.started)
+                if phase < 2:
+                    start_round(conn)
+                else:
+                    active -= 1
+        else:
+            raise TimeoutError("poll bound reached")
+        t_end = time.perf_counter()
+        cpu_end = server_cpu_seconds(pid)
+    finally:
+        poller.close()
+        for sock in socks:
+            sock.close()
+    if phase == 0:
+        raise RuntimeError("the measurement never left its warm-up")
+    latencies.sort()
+    messages = rounds * messages_per_round
+    return {
+        "messages": messages,
+        "bytes": rounds * expect,
+        "rounds": rounds,
+        "seconds": t_end - t_start,
+        "server_cpu": cpu_end - cpu_start,
+        "p50_us": _percentile(latencies, 0.50) / 1000,
+        "p99_us": _percentile(latencies, 0.99) / 1000,
+    }
+
+
+# ------------------------------------------------------------------- idle
+
+
+def run_idle(port: int, pid: int, *, conns: int) -> dict[str, Any]:
+    """Server memory and CPU per idle connection (each echoed one line first)."""
+    line = line_request()
+    socks: list[socket.socket] = []
+    try:
+        warm = _connect(port)
+        socks.append(warm)
+        warm.sendall(line)
+        if _recv_exactly(warm, len(line)) != line:
+            raise ConnectionError("server echoed different bytes")
+        rss_before = server_rss_kib(pid)
+        cpu_before = server_cpu_seconds(pid)
+        t0 = time.perf_counter()
+        for start in range(0, conns, IDLE_BATCH):
+            batch = [_connect(port) for _ in range(min(IDLE_BATCH, conns - start))]
+            socks.extend(batch)
+            for sock in batch:
+                sock.sendall(line)
+            for sock in batch:
+                if _recv_exactly(sock, len(line)) != line:
+                    raise ConnectionError("server echoed different bytes")
+        seconds = time.perf_counter() - t0
+        cpu_after = server_cpu_seconds(pid)
+        rss_after = server_rss_kib(pid)
+    finally:
+        for sock in socks:
+            sock.close()
+    return {
+        "conns": conns,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": rss_after,
+        "kib_per_conn": (rss_after - rss_before) / conns,
+        "server_cpu": cpu_after - cpu_before,
+        "seconds": seconds,
+    }
+
+
+# -------------------------------------------------------------------- CLI
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("port", type=int)
+    parser.add_argument("pid", type=int, help="the server's pid (for CPU and RSS)")
+    parser.add_argument("workload", choices=("pingpong", "pipelined", "frames", "idle"))
+    parser.add_argument("--conns", type=int, default=1)
+    parser.add_argument("--size", type=int, default=1024, help="frame payload bytes")
+    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--warmup", type=float, default=0.3)
+    args = parser.parse_args()
+    raise_fd_limit()
+    if args.workload == "idle":
+        result = run_idle(args.port, args.pid, conns=args.conns)
+    else:
+        if args.workload == "pingpong":
+            request, per_round = line_request(), 1
+        elif args.workload == "pipelined":
+            request, per_round = burst_request(), BURST
+        else:
+            request, per_round = frame_request(args.size), 1
+        result = run_echo(
+            args.port,
+            args.pid,
+            conns=args.conns,
+            request=request,
+            messages_per_round=per_round,
+            duration=args.duration,
+            warmup=args.warmup,
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

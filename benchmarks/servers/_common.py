@@ -1,0 +1,151 @@
+"""Shared plumbing for the benchmark echo servers.
+
+Every server is its own process, started by ``benchmarks/run.py`` as::
+
+    python benchmarks/servers/<stack>.py lines|frames [--profile FILE]
+
+It listens on 127.0.0.1 (an ephemeral port), prints ``PORT <n>`` once it is
+listening, echoes 64-byte lines (newline-terminated) or 4-byte big-endian
+length-prefixed frames, and exits at once on SIGINT or SIGTERM (after
+writing its cProfile statistics, when ``--profile`` was given).
+
+The hand-written parsers used by the bare trio server (and by the codec
+benchmark as the baseline) live here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import resource
+import signal
+import sys
+from types import FrameType
+
+#: listen() backlog for every stack (the idle workload opens thousands).
+BACKLOG = 4096
+#: Bytes asked of the kernel per receive, where a stack lets us choose.
+RECEIVE_SIZE = 65536
+#: Longest line any server accepts.
+MAX_LINE = 65536
+#: Largest frame any server accepts.
+MAX_FRAME = 16 * 1024 * 1024
+HEADER = 4
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("mode", choices=("lines", "frames"))
+    parser.add_argument(
+        "--profile", metavar="FILE", help="run under cProfile, dump stats at exit"
+    )
+    return parser.parse_args()
+
+
+def setup(description: str) -> argparse.Namespace:
+    """Parse argv, raise the fd limit, install exit handlers, maybe start profiling."""
+    args = parse_args(description)
+    raise_fd_limit()
+    profiler = cProfile.Profile() if args.profile else None
+
+    def exit_now(signum: int, frame: FrameType | None) -> None:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        sys.stdout.flush()
+        os._exit(0)
+
+    signal.signal(signal.SIGINT, exit_now)
+    signal.signal(signal.SIGTERM, exit_now)
+    if profiler is not None:
+        profiler.enable()
+    return args
+
+
+def announce(port: int) -> None:
+    """Tell the runner where we listen."""
+    sys.stdout.write(f"PORT {port}\n")
+    sys.stdout.flush()
+
+
+class LineParser:
+    """Newline-terminated lines out of a bytearray, as a careful user writes it.
+
+    The search resumes where the last unsuccessful one stopped, and a
+    complete line is removed with ``del buf[:n]`` (O(1) at the front of a
+    CPython bytearray).
+    """
+
+    __slots__ = ("buf", "scan")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.scan = 0
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def next(self) -> bytes | None:
+        buf = self.buf
+        end = buf.find(b"\n", self.scan)
+        if end < 0:
+            if len(buf) > MAX_LINE:
+                raise ValueError("line too long")
+            self.scan = len(buf)
+            return None
+        line = bytes(buf[:end])
+        del buf[: end + 1]
+        self.scan = 0
+        return line
+
+
+class FrameParser:
+    """4-byte big-endian length-prefixed frames out of a bytearray."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def next(self) -> bytes | None:
+        buf = self.buf
+        if len(buf) < HEADER:
+            return None
+        size = int.from_bytes(buf[:HEADER], "big")
+        if size > MAX_FRAME:
+            raise ValueError("frame too large")
+        end = HEADER + size
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[HEADER:end])
+        del buf[:end]
+        return payload
+
+
+def parser_for(mode: str) -> type[LineParser] | type[FrameParser]:
+    return LineParser if mode == "lines" else FrameParser
+
+
+def encode(mode: str, message: bytes) -> bytes:
+    """One reply on the wire."""
+    if mode == "lines":
+        return message + b"\n"
+    return len(message).to_bytes(HEADER, "big") + message

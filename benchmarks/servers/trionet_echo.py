@@ -1,0 +1,43 @@
+"""trionet echo server: trionet.serve_tcp with Lines() or Frames().
+
+The handler is the one a user writes: ``async for m in conn: await conn.send(m)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import _common
+import trio
+
+import trionet
+
+
+async def handle(conn: trionet.Connection) -> None:
+    async for message in conn:
+        await conn.send(message)
+
+
+async def main(mode: str) -> None:
+    framing = (
+        trionet.Lines(max_length=_common.MAX_LINE)
+        if mode == "lines"
+        else trionet.Frames(max_size=_common.MAX_FRAME)
+    )
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(
+                trionet.serve_tcp,
+                handle,
+                0,
+                host="127.0.0.1",
+                framing=framing,
+                backlog=_common.BACKLOG,
+            )
+        )
+        _common.announce(server.port)
+
+
+if __name__ == "__main__":
+    args = _common.setup(__doc__ or "")
+    trio.run(main, args.mode)

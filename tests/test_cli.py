@@ -1,0 +1,928 @@
+"""The ``trionet`` command line: echo, load and bench, run as real processes.
+
+Every command runs as ``python -m trionet ...`` in a child process against a
+real server on loopback.  Each child has a timeout, and only the children
+started here are signalled, by their PID.  The histogram and the argument
+parsers are also tested in-process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trionet
+from trionet._cli._common import (
+    parse_duration,
+    parse_host_port,
+    parse_rate,
+)
+from trionet._cli._histogram import LogLinearHistogram
+from trionet._cli._load import message_maker
+
+#: Seconds any one child process may run.
+CHILD_TIMEOUT = 30.0
+POSIX = sys.platform != "win32"
+
+needs_posix = pytest.mark.skipif(not POSIX, reason="sends POSIX signals")
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trionet", *args]
+
+
+def run_sync(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(*args),
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+async def run_async(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``trionet *args`` while the test's own servers keep running."""
+    with trio.fail_after(CHILD_TIMEOUT):
+        return await trio.run_process(
+            command(*args),
+            stdin=b"",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+_serial = itertools.count()
+
+
+@attrs.define
+class EchoProcess:
+    process: trio.Process
+    port: int
+    first_line: str
+    stderr_path: Path
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    async def stop(self, signum: int = signal.SIGINT) -> int:
+        """Signal the child we started and wait for it to exit."""
+        self.process.send_signal(signum)
+        with trio.fail_after(CHILD_TIMEOUT):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def echo_server(tmp_path: Path, *args: str) -> AsyncIterator[EchoProcess]:
+    """``trionet echo --port 0 *args`` in a child; stopped (killed if need be)."""
+    stderr_path = tmp_path / f"echo-{next(_serial)}.err"
+    with stderr_path.open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            command("echo", "--port", "0", *args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+    assert process.stdout is not None
+    try:
+        output = b""
+        with trio.fail_after(CHILD_TIMEOUT):
+            while b"\n" not in output:
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"echo exited early: {stderr_path.read_text()}"
+                output += chunk
+        line = output.decode().splitlines()[0]
+        match = re.match(r"listening on 127\.0\.0\.1:(\d+) \(", line)
+        assert match, line
+        yield EchoProcess(process, int(match.group(1)), line, stderr_path)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT if POSIX else signal.SIGTERM)
+            with trio.move_on_after(CHILD_TIMEOUT):
+                await process.wait()
+            if process.poll() is None:  # pragma: no cover - only if it hangs
+                process.kill()
+                await process.wait()
+        await process.stdout.aclose()
+
+
+def load_json(result: subprocess.CompletedProcess[bytes]) -> dict[str, object]:
+    """The one JSON object ``load --json`` printed (and nothing else on stdout)."""
+    text = result.stdout.decode()
+    assert text.count("\n") == 1, text
+    data = json.loads(text)
+    assert isinstance(data, dict)
+    return data
+
+
+def check_percentiles(report: dict[str, object]) -> None:
+    latency = report["latency_us"]
+    assert isinstance(latency, dict)
+    assert set(latency) == {"p50", "p90", "p99", "max"}
+    assert 0 <= latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+
+
+# ------------------------------------------------------- echo + load, whole
+
+
+@pytest.mark.parametrize(
+    ("framing", "pipeline", "size"),
+    [("line", 1, 100), ("line", 8, 1000), ("frame", 4, 3000), ("frame", 1, 1)],
+)
+async def test_echo_and_load_end_to_end(
+    tmp_path: Path, framing: str, pipeline: int, size: int
+) -> None:
+    async with echo_server(tmp_path, "--framing", framing) as echo:
+        assert f"{framing} framing" in echo.first_line
+        result = await run_async(
+            "load",
+            f"127.0.0.1:{echo.port}",
+            "--connections",
+            "5",
+            "--messages",
+            "503",
+            "--size",
+            str(size),
+            "--framing",
+            framing,
+            "--pipeline",
+            str(pipeline),
+            "--json",
+        )
+        assert result.returncode == 0, result.stderr
+        report = load_json(result)
+        assert await echo.stop() == 0
+    assert report["target"] == f"127.0.0.1:{echo.port}"
+    assert report["transport"] == "tcp"
+    assert report["connections"] == 5
+    assert report["messages"] == 503
+    assert report["errors"] == {}
+    assert report["framing"] == framing
+    assert report["size"] == size
+    assert report["pipeline"] == pipeline
+    elapsed = report["elapsed_s"]
+    assert isinstance(elapsed, float)
+    assert elapsed > 0
+    rate = report["messages_per_s"]
+    assert isinstance(rate, float)
+    assert rate == pytest.approx(503 / elapsed, rel=0.01)
+    assert report["mb_per_s"] == pytest.approx(rate * size / 1e6, abs=0.002)
+    check_percentiles(report)
+    # The server saw every connection end cleanly.
+    assert "5 connections served (CLOSED_BY_PEER 5)" in echo.stderr()
+
+
+async def test_load_prints_a_table_without_json(tmp_path: Path) -> None:
+    async with echo_server(tmp_path) as echo:
+        result = await run_async(
+            "load", f"127.0.0.1:{echo.port}", "-c", "3", "-n", "30"
+        )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert "3 connections, 64 B messages, pipeline 1" in out
+    assert re.search(r"messages\s+30 in \d+\.\d\d s", out)
+    assert re.search(r"latency \(us\)\s+p50 [\d,]+\s+p90 [\d,]+\s+p99", out)
+    assert re.search(r"errors\s+none", out)
+    assert result.stderr == b""  # no progress lines when stderr is not a terminal
+
+
+async def test_load_runs_for_a_duration(tmp_path: Path) -> None:
+    async with echo_server(tmp_path) as echo:
+        result = await run_async(
+            "load", f"127.0.0.1:{echo.port}", "-c", "2", "--duration", "300ms", "--json"
+        )
+    assert result.returncode == 0, result.stderr
+    report = load_json(result)
+    assert report["errors"] == {}
+    messages = report["messages"]
+    assert isinstance(messages, int)
+    assert messages > 0
+    # Senders stop at the deadline, then collect their last echoes.
+    elapsed = report["elapsed_s"]
+    assert isinstance(elapsed, float)
+    assert elapsed >= 0.3
+
+
+async def test_load_rate_limit_spaces_the_messages(tmp_path: Path) -> None:
+    async with echo_server(tmp_path) as echo:
+        result = await run_async(
+            "load",
+            f"127.0.0.1:{echo.port}",
+            "-c",
+            "4",
+            "-n",
+            "21",
+            "--rate",
+            "200/s",
+            "--json",
+        )
+    assert result.returncode == 0, result.stderr
+    report = load_json(result)
+    assert report["messages"] == 21
+    # 21 sends 1/200 s apart: the last cannot leave before 20/200 s.
+    elapsed = report["elapsed_s"]
+    assert isinstance(elapsed, float)
+    assert elapsed >= 0.1
+
+
+async def test_udp_echo_and_load(tmp_path: Path) -> None:
+    async with echo_server(tmp_path, "--udp") as echo:
+        assert "(udp)" in echo.first_line
+        result = await run_async(
+            "load",
+            f"127.0.0.1:{echo.port}",
+            "--udp",
+            "-c",
+            "3",
+            "-n",
+            "150",
+            "--size",
+            "200",
+            "-p",
+            "2",
+            "--json",
+        )
+        assert result.returncode == 0, result.stderr
+        assert await echo.stop() == 0
+    report = load_json(result)
+    assert report["transport"] == "udp"
+    assert report["framing"] == "datagram"
+    assert report["messages"] == 150
+    assert report["errors"] == {}
+    check_percentiles(report)
+    assert "stopped: 3 peers, 151 datagrams received, 0 dropped" in echo.stderr()
+
+
+async def test_raw_echo(tmp_path: Path) -> None:
+    async with echo_server(tmp_path, "--framing", "raw") as echo:
+        async with trionet.connect_tcp("127.0.0.1", echo.port) as conn:
+            payload = bytes(range(256)) * 40
+            await conn.send_all(payload)
+            assert await conn.receive_exactly(len(payload)) == payload
+
+
+async def test_tls_echo(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    async with echo_server(
+        tmp_path, "--tls-cert", str(pem), "--tls-key", str(pem)
+    ) as echo:
+        assert "(tls, line framing)" in echo.first_line
+        async with trionet.connect_tcp(
+            "127.0.0.1", echo.port, framing=trionet.Lines(), ssl_context=client
+        ) as conn:
+            await conn.send(b"over tls")
+            assert await conn.receive() == b"over tls"
+        assert await echo.stop() == 0
+
+
+# ------------------------------------------------------ signals, shutdown
+
+
+@needs_posix
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_signal_shuts_echo_down_gracefully(tmp_path: Path, signum: int) -> None:
+    async with echo_server(tmp_path, "--verbose", "--grace-period", "0.2") as echo:
+        conn = await trionet.connect_tcp(
+            "127.0.0.1", echo.port, framing=trionet.Lines()
+        )
+        async with conn:
+            await conn.send(b"before")
+            assert await conn.receive() == b"before"
+            echo.process.send_signal(signum)
+            # A clean end of stream: no reset, nothing cut in half.
+            with trio.fail_after(CHILD_TIMEOUT):
+                with pytest.raises(trionet.ConnectionClosed) as info:
+                    await conn.receive()
+            assert type(info.value) is trionet.ConnectionClosed
+            assert info.value.reason is trionet.CloseReason.CLOSED_BY_PEER
+        with trio.fail_after(CHILD_TIMEOUT):
+            code = await echo.process.wait()
+        assert code == 0
+        log = echo.stderr()
+    name = signal.Signals(signum).name
+    assert f"{name}: shutting down (grace period 0.2 s)" in log
+    assert re.search(r"connect 127\.0\.0\.1:\d+\n", log)
+    assert re.search(r"close 127\.0\.0\.1:\d+: SHUTDOWN \(7 B in, 7 B out\)", log)
+    assert "stopped: 1 connections served (SHUTDOWN 1)" in log
+    assert "Traceback" not in log
+
+
+@needs_posix
+async def test_second_signal_cuts_the_grace_period_short() -> None:
+    process = await trio.lowlevel.open_process(
+        command("echo", "--port", "0", "--grace-period", "60"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+
+    async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes:
+        data = b""
+        while marker not in data:
+            chunk = await stream.receive_some()
+            assert chunk, data
+            data += chunk
+        return data
+
+    try:
+        with trio.fail_after(CHILD_TIMEOUT):
+            line = await read_until(process.stdout, b"\n")
+            match = re.search(rb":(\d+) \(", line)
+            assert match
+            async with trionet.connect_tcp(
+                "127.0.0.1", int(match.group(1)), framing=trionet.Lines()
+            ) as conn:
+                await conn.send(b"hi")
+                assert await conn.receive() == b"hi"
+                process.send_signal(signal.SIGINT)
+                # The idle client keeps the server in its 60 s grace period.
+                await read_until(process.stderr, b"shutting down")
+                process.send_signal(signal.SIGINT)
+                assert await process.wait() == 130
+                with pytest.raises(trionet.ConnectionClosed):
+                    await conn.receive()
+            rest = b""
+            while chunk := await process.stderr.receive_some():
+                rest += chunk
+        assert b"SIGINT again: stopping now" in rest
+        assert b"Traceback" not in rest
+    finally:
+        if process.poll() is None:  # pragma: no cover - only if it hangs
+            process.kill()
+            await process.wait()
+        await process.stdout.aclose()
+        await process.stderr.aclose()
+
+
+@needs_posix
+async def test_signal_with_no_clients_exits_at_once(tmp_path: Path) -> None:
+    async with echo_server(tmp_path) as echo:
+        assert await echo.stop(signal.SIGINT) == 0
+        assert "stopped: 0 connections served" in echo.stderr()
+
+
+@needs_posix
+async def test_echo_verbose_logs_close_reasons(tmp_path: Path) -> None:
+    async with echo_server(tmp_path, "--verbose") as echo:
+        async with trionet.connect_tcp(
+            "127.0.0.1", echo.port, framing=trionet.Lines()
+        ) as conn:
+            await conn.send(b"x")
+            assert await conn.receive() == b"x"
+        # Over the line limit: the server closes it as PROTOCOL_ERROR.
+        async with trionet.connect_tcp("127.0.0.1", echo.port) as conn:
+            await conn.send_all(b"y" * 70_000)
+            with trio.fail_after(CHILD_TIMEOUT):
+                try:
+                    while await conn.receive_some():
+                        pass
+                except trionet.ConnectionClosed:
+                    pass
+        assert await echo.stop() == 0
+    log = echo.stderr()
+    assert re.search(r"close 127\.0\.0\.1:\d+: CLOSED_BY_PEER \(2 B in, 2 B out\)", log)
+    assert re.search(r"close 127\.0\.0\.1:\d+: PROTOCOL_ERROR", log)
+    assert "Traceback" not in log
+
+
+# ------------------------------------------- errors seen during a load run
+
+
+async def test_load_groups_errors_by_close_reason() -> None:
+    async def three_then_close(conn: trionet.Connection) -> None:
+        for _ in range(3):
+            await conn.send(await conn.receive())
+        await conn.receive()  # read the fourth, so closing sends FIN, not RST
+
+    async with trionet.open_tcp_server(
+        three_then_close, framing=trionet.Lines()
+    ) as server:
+        result = await run_async(
+            "load", f"127.0.0.1:{server.port}", "-c", "2", "-n", "100", "--json"
+        )
+    assert result.returncode == 1
+    report = load_json(result)
+    assert report["messages"] == 6
+    assert report["errors"] == {"CLOSED_BY_PEER": 2}
+
+
+async def test_load_detects_a_wrong_echo() -> None:
+    async def corrupt(conn: trionet.Connection) -> None:
+        async for message in conn:
+            await conn.send(message[::-1])
+
+    async with trionet.open_tcp_server(corrupt, framing=trionet.Frames()) as server:
+        result = await run_async(
+            "load",
+            f"127.0.0.1:{server.port}",
+            "-c",
+            "3",
+            "-n",
+            "30",
+            "--framing",
+            "frame",
+            "-p",
+            "4",
+            "--json",
+        )
+    assert result.returncode == 1
+    report = load_json(result)
+    assert report["messages"] == 0
+    assert report["errors"] == {"mismatch": 3}
+    latency = report["latency_us"]
+    assert latency == {"p50": None, "p90": None, "p99": None, "max": None}
+
+
+async def test_load_detects_reordered_echoes() -> None:
+    async def swap_pairs(conn: trionet.Connection) -> None:
+        while True:
+            first, second = await conn.receive(), await conn.receive()
+            await conn.send(second)
+            await conn.send(first)
+
+    async with trionet.open_tcp_server(swap_pairs, framing=trionet.Lines()) as server:
+        result = await run_async(
+            "load",
+            f"127.0.0.1:{server.port}",
+            "-c",
+            "1",
+            "-n",
+            "10",
+            "-p",
+            "2",
+            "--json",
+        )
+    assert result.returncode == 1
+    assert load_json(result)["errors"] == {"mismatch": 1}
+
+
+async def test_load_per_message_timeout() -> None:
+    async def silent(conn: trionet.Connection) -> None:
+        async for _ in conn:
+            pass
+
+    async with trionet.open_tcp_server(silent, framing=trionet.Lines()) as server:
+        result = await run_async(
+            "load",
+            f"127.0.0.1:{server.port}",
+            "-c",
+            "2",
+            "-n",
+            "10",
+            "--timeout",
+            "0.2",
+            "--json",
+        )
+    assert result.returncode == 1
+    report = load_json(result)
+    assert report["messages"] == 0
+    assert report["errors"] == {"TIMEOUT": 2}
+
+
+async def test_load_hard_time_limit_ends_a_stuck_run() -> None:
+    async def silent(conn: trionet.Connection) -> None:
+        async for _ in conn:
+            pass
+
+    async with trionet.open_tcp_server(silent, framing=trionet.Lines()) as server:
+        result = await run_async(
+            "load",
+            f"127.0.0.1:{server.port}",
+            "-c",
+            "3",
+            "-p",
+            "5",
+            "--duration",
+            "1h",
+            "--time-limit",
+            "0.3",
+            "--json",
+        )
+    assert result.returncode == 1
+    report = load_json(result)
+    assert report["messages"] == 0
+    assert report["errors"] == {"time_limit": 3}
+
+
+async def test_udp_load_counts_lost_datagrams_instead_of_hanging() -> None:
+    async def drop_odd(peer: trionet.UdpPeer) -> None:
+        async for data in peer:
+            try:
+                seq = int(data, 16)
+            except ValueError:  # the probe
+                await peer.send(data)
+                continue
+            if seq % 2 == 0:
+                await peer.send(data)
+
+    async with trionet.open_udp_server(drop_odd) as server:
+        result = await run_async(
+            "load",
+            f"127.0.0.1:{server.port}",
+            "--udp",
+            "-c",
+            "1",
+            "-n",
+            "8",
+            "--size",
+            "16",
+            "--timeout",
+            "0.1",
+            "--json",
+        )
+    assert result.returncode == 1
+    report = load_json(result)
+    assert report["messages"] == 4
+    assert report["errors"] == {"lost": 4}
+
+
+# ------------------------------------------------------------- bad input
+
+
+def assert_one_line_error(
+    result: subprocess.CompletedProcess[str], code: int, *needles: str
+) -> None:
+    assert result.returncode == code, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "error: " in lines[0]
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        ((), ["choose a command"]),
+        (("nonsense",), ["invalid choice: 'nonsense'"]),
+        (("echo", "--framing", "xml"), ["--framing", "invalid choice: 'xml'"]),
+        (("load", "127.0.0.1:9", "--framing", "raw"), ["invalid choice: 'raw'"]),
+        (("load", "localhost"), ["malformed address 'localhost'", "HOST:PORT"]),
+        (("load", "127.0.0.1:"), ["malformed address", "port"]),
+        (("load", "127.0.0.1:70000"), ["malformed address", "1..65535"]),
+        (("load", ":80"), ["malformed address ':80': no host"]),
+        (("load", "::1:80"), ["IPv6 address in brackets"]),
+        (("load", "[::1:80"), ["[IPV6]:PORT"]),
+        (("load", "127.0.0.1:9", "--size", "0"), ["--size", "at least 1"]),
+        (("load", "127.0.0.1:9", "--size", "65537"), ["65536", "Lines().max_length"]),
+        (
+            ("load", "127.0.0.1:9", "--framing", "frame", "--size", "16777217"),
+            ["16777216", "Frames().max_size"],
+        ),
+        (("load", "127.0.0.1:9", "--udp", "--size", "65508"), ["65507"]),
+        (("load", "127.0.0.1:9", "--messages", "0"), ["at least 1"]),
+        (("load", "127.0.0.1:9", "-n", "5", "-d", "1s"), ["not allowed with"]),
+        (("load", "127.0.0.1:9", "--duration", "soon"), ["not a duration"]),
+        (("load", "127.0.0.1:9", "--rate", "fast"), ["not a rate"]),
+        (("load", "127.0.0.1:9", "--pipeline", "-1"), ["--pipeline"]),
+        (("load", "127.0.0.1:9", "--udp", "--framing", "line"), ["--udp"]),
+        (("echo", "--port", "99999"), ["0..65535"]),
+        (("echo", "--tls-cert", "c.pem"), ["--tls-cert and --tls-key go together"]),
+        (("echo", "--udp", "--framing", "line"), ["--framing does not apply"]),
+    ],
+)
+def test_bad_input_is_a_one_line_usage_error(
+    args: Sequence[str], needles: list[str]
+) -> None:
+    assert_one_line_error(run_sync(*args), 2, *needles)
+
+
+@pytest.mark.skipif(not POSIX, reason="needs RLIMIT_NOFILE")
+def test_too_many_connections_states_the_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:  # pragma: no cover
+        pytest.skip("no open-file limit")
+    result = run_sync("load", "127.0.0.1:9", "--connections", str(soft + 1))
+    assert_one_line_error(result, 2, f"the limit is {soft}", "ulimit -n")
+
+
+def test_nothing_listening_is_a_runtime_error() -> None:
+    port = free_port()
+    result = run_sync("load", f"127.0.0.1:{port}", "-c", "3")
+    assert_one_line_error(
+        result, 1, f"cannot connect to 127.0.0.1:{port}", "Connection refused"
+    )
+
+
+def test_nothing_echoing_udp_is_a_runtime_error() -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    result = run_sync("load", f"127.0.0.1:{port}", "--udp", "--timeout", "0.5")
+    assert_one_line_error(result, 1, f"no UDP echo from 127.0.0.1:{port}")
+
+
+def test_unknown_host_is_a_runtime_error() -> None:
+    result = run_sync("load", "no-such-host.invalid:80", "-c", "1")
+    assert_one_line_error(result, 1, "cannot connect to no-such-host.invalid:80")
+
+
+def test_missing_tls_files_are_a_runtime_error(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.pem")
+    result = run_sync("echo", "--tls-cert", missing, "--tls-key", missing)
+    assert_one_line_error(result, 1, "cannot load the TLS certificate", missing)
+
+
+def test_port_in_use_is_a_runtime_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_sync("echo", "--port", str(port))
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1 port {port}")
+
+
+def test_help_and_version() -> None:
+    result = run_sync("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"trionet {trionet.__version__}"
+    for sub in ("echo", "load", "bench"):
+        result = run_sync(sub, "--help")
+        assert result.returncode == 0
+        assert f"usage: trionet {sub}" in result.stdout
+
+
+# ------------------------------------------------------------------ bench
+
+
+def test_bench_quick_prints_one_table() -> None:
+    result = run_sync("bench", "--quick")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "trionet bench (loopback)"
+    assert lines[1].split() == [
+        "framing", "conns", "pipeline", "size", "messages", "msg/s", "MB/s",
+        "p50", "us", "p90", "us", "p99", "us", "max", "us", "errors",
+    ]  # fmt: skip
+    rows = [line.split() for line in lines[3:]]
+    assert len(rows) == 12
+    seen = set()
+    for row in rows:
+        framing, conns, pipeline = row[0], row[1], row[2]
+        size = " ".join(row[3:5])
+        seen.add((framing, conns, pipeline, size))
+        assert row[-1] == "0"  # no errors
+    assert {s[0] for s in seen} == {"line", "frame"}
+    assert {s[1] for s in seen} == {"1", "50"}
+    assert {s[2] for s in seen} >= {"1", "64"}
+    assert {s[3] for s in seen} == {"64 B", "64 KiB"}
+    assert "Traceback" not in result.stderr
+
+
+# -------------------------------------------------- rich is optional
+
+
+async def test_commands_work_without_rich(tmp_path: Path) -> None:
+    """With rich unimportable (as without the ``cli`` extra) output is plain."""
+    script = (
+        "import sys; sys.modules['rich'] = None  # any import of rich fails\n"
+        "from trionet._cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    async with echo_server(tmp_path) as echo:
+        with trio.fail_after(CHILD_TIMEOUT):
+            result = await trio.run_process(
+                [sys.executable, "-c", script, "load", f"127.0.0.1:{echo.port}",
+                 "-c", "2", "-n", "20"],
+                stdin=b"",
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.search(rb"messages\s+20 in", result.stdout)
+    assert result.stderr == b""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses a pty")
+def test_rich_progress_and_table_on_a_terminal(tmp_path: Path) -> None:
+    pytest.importorskip("rich")
+    import pty
+    import select
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The echo server runs as a plain child; the load gets a terminal.
+    echo = subprocess.Popen(
+        command("echo", "--port", str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert echo.stdout is not None
+        assert echo.stdout.readline().startswith(b"listening on")
+        primary, secondary = pty.openpty()
+        env = dict(os.environ, COLUMNS="120", TERM="xterm")
+        load = subprocess.Popen(
+            command("load", f"127.0.0.1:{port}", "-c", "2", "--duration", "0.4s"),
+            stdout=secondary,
+            stderr=secondary,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        os.close(secondary)
+        output = b""
+        deadline = CHILD_TIMEOUT
+        try:
+            while deadline > 0:
+                ready, _, _ = select.select([primary], [], [], 0.5)
+                deadline -= 0.5
+                if not ready:
+                    continue
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            assert load.wait(timeout=CHILD_TIMEOUT) == 0
+        finally:
+            os.close(primary)
+            if load.poll() is None:  # pragma: no cover - only if it hangs
+                load.kill()
+                load.wait()
+    finally:
+        echo.send_signal(signal.SIGINT)
+        echo.wait(timeout=CHILD_TIMEOUT)
+        if echo.stdout is not None:
+            echo.stdout.close()
+    text = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", output).decode()
+    assert "━" in text  # rich's progress bar
+    assert "messages" in text
+    assert re.search(r"errors\s*│?\s*none", text)
+
+
+# ----------------------------------------------- histogram and parsers
+
+
+values = st.lists(st.integers(min_value=0, max_value=2**41 - 1), min_size=1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values, st.floats(min_value=0, max_value=100))
+def test_histogram_percentile_within_relative_error(
+    samples: list[int], percent: float
+) -> None:
+    hist = LogLinearHistogram()
+    hist.record_all(samples)
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(percent / 100 * len(ordered)))
+    exact = ordered[rank - 1]
+    got = hist.percentile(percent)
+    assert got is not None
+    assert abs(got - exact) <= hist.relative_error * exact
+    assert min(samples) <= got <= max(samples)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_histogram_summary_is_exact_and_percentiles_ordered(samples: list[int]) -> None:
+    hist = LogLinearHistogram()
+    buckets = hist.bucket_count
+    hist.record_all(samples)
+    assert hist.bucket_count == buckets  # fixed memory
+    assert hist.count == len(samples)
+    assert hist.min == min(samples)
+    assert hist.max == max(samples)
+    assert hist.mean == pytest.approx(sum(samples) / len(samples))
+    points = [hist.percentile(p) for p in (0, 50, 90, 99, 99.9, 100)]
+    assert points == sorted(points)  # type: ignore[type-var]
+
+
+@settings(max_examples=100, deadline=None)
+@given(values, values)
+def test_histogram_merge_equals_recording_everything(
+    left: list[int], right: list[int]
+) -> None:
+    merged = LogLinearHistogram()
+    merged.record_all(left)
+    other = LogLinearHistogram()
+    other.record_all(right)
+    merged.merge(other)
+    together = LogLinearHistogram()
+    together.record_all(left + right)
+    for percent in (1, 50, 90, 99, 100):
+        assert merged.percentile(percent) == together.percentile(percent)
+    assert (merged.count, merged.min, merged.max, merged.total) == (
+        together.count,
+        together.min,
+        together.max,
+        together.total,
+    )
+
+
+@pytest.mark.parametrize("bits", [1, 3, 6, 9])
+def test_histogram_error_bound_follows_sub_buckets(bits: int) -> None:
+    small = 2 ** (bits + 1)
+    hist = LogLinearHistogram(sub_bucket_bits=bits, max_value=8 * small)
+    assert hist.relative_error == 1 / small
+    values = range(8 * small)
+    hist.record_all(values)
+    for value in range(0, 8 * small, max(1, small // 16)):
+        got = hist.percentile(100 * (value + 0.5) / len(values))
+        assert got is not None
+        if value < small:  # small values have a bucket each
+            assert got == value
+        assert abs(got - value) <= value / small
+
+
+def test_histogram_edges() -> None:
+    hist = LogLinearHistogram(max_value=1000)
+    assert hist.percentile(50) is None
+    assert hist.mean is None
+    hist.record(10**12)  # beyond max_value: counted, exact max kept
+    hist.record(5, count=3)
+    assert hist.count == 4
+    assert hist.max == 10**12
+    assert hist.percentile(75) == 5
+    assert hist.percentile(100) is not None
+    with pytest.raises(ValueError, match=">= 0"):
+        hist.record(-1)
+    with pytest.raises(ValueError, match="count"):
+        hist.record(1, count=0)
+    with pytest.raises(ValueError, match="percent"):
+        hist.percentile(101)
+    with pytest.raises(ValueError, match="same parameters"):
+        hist.merge(LogLinearHistogram())
+    with pytest.raises(ValueError, match="sub_bucket_bits"):
+        LogLinearHistogram(sub_bucket_bits=0)
+    with pytest.raises(ValueError, match="max_value"):
+        LogLinearHistogram(max_value=0)
+
+
+@given(st.integers(min_value=1, max_value=300), st.integers(min_value=0))
+def test_messages_carry_their_sequence_and_no_newline(size: int, seq: int) -> None:
+    make = message_maker(size)
+    message = make(seq)
+    assert len(message) == size
+    assert b"\n" not in message
+    width = min(size, 16)
+    assert int(message[:width], 16) == seq % 16**width
+    assert make(seq) == message  # the echo is checked against the same bytes
+    if seq % 16**width != (seq + 1) % 16**width:
+        assert make(seq + 1) != message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:8000", ("127.0.0.1", 8000)),
+        ("localhost:1", ("localhost", 1)),
+        ("[::1]:65535", ("::1", 65535)),
+        ("example.org:443", ("example.org", 443)),
+    ],
+)
+def test_parse_host_port(text: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10", 10.0), ("10s", 10.0), ("500ms", 0.5), ("1.5s", 1.5), ("2m", 120.0),
+     ("1h", 3600.0), (".25s", 0.25)],
+)  # fmt: skip
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(("text", "rate"), [("1000", 1000.0), ("2.5/s", 2.5)])
+def test_parse_rate(text: str, rate: float) -> None:
+    assert parse_rate(text) == rate

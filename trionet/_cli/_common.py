@@ -1,0 +1,174 @@
+"""What the commands share: errors with exit codes, argument parsing, output."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+__all__ = [
+    "EXIT_RUNTIME",
+    "EXIT_USAGE",
+    "CliError",
+    "Parser",
+    "UsageError",
+    "format_address",
+    "parse_duration",
+    "parse_host_port",
+    "parse_rate",
+    "say",
+]
+
+#: Exit code for bad command-line input.
+EXIT_USAGE = 2
+#: Exit code for a failure while running (nothing listening, errors in a run).
+EXIT_RUNTIME = 1
+
+
+class CliError(Exception):
+    """An error the command reports in one line, then exits with ``exit_code``."""
+
+    def __init__(
+        self, message: str, exit_code: int = EXIT_RUNTIME, *, prog: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        #: The command to name in the message (None: the one that ran).
+        self.prog = prog
+
+
+class UsageError(CliError):
+    """Bad command-line input (exit code 2)."""
+
+    def __init__(self, message: str, *, prog: str | None = None) -> None:
+        super().__init__(message, EXIT_USAGE, prog=prog)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are exceptions, reported in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')", prog=self.prog)
+
+
+def say(message: str) -> None:
+    """Write one line to stderr at once (diagnostics, never results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def format_address(address: Sequence[Any] | None) -> str:
+    """``host:port``, with IPv6 hosts in brackets."""
+    if address is None:
+        return "?"
+    host, port = address[0], address[1]
+    if isinstance(host, str) and ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def parse_port(text: str) -> int:
+    """A TCP/UDP port number (0 allowed: pick a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, not {port}")
+    return port
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` as ``(host, port)``; port in 1..65535."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise argparse.ArgumentTypeError(
+                f"malformed address {text!r}: expected [IPV6]:PORT, e.g. [::1]:8000"
+            )
+        host, port_text = text[1:close], text[close + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(
+                f"malformed address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8000"
+            )
+        if ":" in host:
+            raise argparse.ArgumentTypeError(
+                f"malformed address {text!r}: put an IPv6 address in brackets, "
+                "e.g. [::1]:8000"
+            )
+    if not host:
+        raise argparse.ArgumentTypeError(f"malformed address {text!r}: no host")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"malformed address {text!r}: the port must be a number in 1..65535"
+        )
+    return host, int(port_text)
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """``10s``, ``500ms``, ``2m``, ``1h`` or plain seconds, as seconds (> 0)."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use e.g. 10s, 500ms, 2m)"
+        )
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"the duration must be positive: {text!r}")
+    return seconds
+
+
+_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(/s)?\s*$")
+
+
+def parse_rate(text: str) -> float:
+    """``N/s`` or ``N`` messages per second (> 0)."""
+    match = _RATE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not a rate: {text!r} (use messages per second, e.g. 1000/s)"
+        )
+    rate = float(match.group(1))
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"the rate must be positive: {text!r}")
+    return rate
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
