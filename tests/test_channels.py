@@ -991,11 +991,13 @@ async def test_invalid_channel_names_are_refused_everywhere() -> None:
 # ----------------------------------------------------------- public surface
 
 PUBLIC = {
+    "BackplaneStats",
     "ChannelConnection",
     "ChannelServer",
     "ChannelStatistics",
     "MAX_NAME_LENGTH",
     "Policy",
+    "RedisBackplane",
     "VERSION",
     "connect_channels",
     "open_channel_server",

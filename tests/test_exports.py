@@ -35,10 +35,12 @@ PUBLIC = {
     "UdpPeer",
     "UdpServer",
     "UdpServerStats",
+    "Worker",
     "connect_tcp",
     "open_tcp_server",
     "open_udp",
     "open_udp_server",
+    "run_workers",
     "serve_tcp",
     "serve_udp",
 }

@@ -37,4 +37,8 @@ from ._udp import open_udp as open_udp
 from ._udp import open_udp_server as open_udp_server
 from ._udp import serve_udp as serve_udp
 
+# worker processes
+from ._workers import Worker as Worker
+from ._workers import run_workers as run_workers
+
 __version__ = "0.1.0.dev0"

@@ -51,7 +51,7 @@ from ._exceptions import (
     MessageTooLarge,
     TrionetError,
 )
-from ._listeners import bind_sockets
+from ._listeners import bind_sockets, reuse_port_option
 from ._util import unwrap_single_exception
 
 __all__ = [
@@ -834,6 +834,7 @@ async def serve_udp(
     queue_size: int = DEFAULT_QUEUE_SIZE,
     max_peers: int = DEFAULT_MAX_PEERS,
     max_size: int = IPV4_MAX_PAYLOAD,
+    reuse_port: bool = False,
     handler_nursery: trio.Nursery | None = None,
     task_status: trio.TaskStatus[UdpServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -862,6 +863,9 @@ async def serve_udp(
         queue_size: datagrams buffered per peer (default 256).
         max_peers: most handlers running at once (default 1024).
         max_size: the largest datagram accepted or sent (default 65507).
+        reuse_port: set SO_REUSEPORT, so several processes (or servers) can
+            bind the same port; the kernel spreads remote addresses over
+            them, each address always reaching the same socket.
         handler_nursery: run handlers here instead of inside the server; they
             are then not cancelled at shutdown, but their peers are closed
             with :attr:`CloseReason.SHUTDOWN`.
@@ -869,14 +873,15 @@ async def serve_udp(
 
     Raises:
         ValueError: an option is out of range.
-        OSError: binding failed.
+        OSError: binding failed, or ``reuse_port`` is set where the platform
+            has no SO_REUSEPORT.
 
     .. versionadded:: 0.1
     """
     _check_server_options(port, idle_timeout, queue_size, max_peers, max_size)
     if host is not None and not isinstance(host, str):
         raise TypeError(f"host must be a str or None, not {type(host).__name__}")
-    sockets = await _bind_server_sockets(host, port, max_size)
+    sockets = await _bind_server_sockets(host, port, max_size, reuse_port)
     server = UdpServer(
         [_ServerSocket(s) for s in sockets],
         handler,
@@ -910,6 +915,7 @@ async def open_udp_server(
     queue_size: int = DEFAULT_QUEUE_SIZE,
     max_peers: int = DEFAULT_MAX_PEERS,
     max_size: int = IPV4_MAX_PAYLOAD,
+    reuse_port: bool = False,
 ) -> AsyncIterator[UdpServer]:
     """Run :func:`serve_udp` for the duration of an ``async with`` block.
 
@@ -931,6 +937,7 @@ async def open_udp_server(
         queue_size: see :func:`serve_udp`.
         max_peers: see :func:`serve_udp`.
         max_size: see :func:`serve_udp`.
+        reuse_port: see :func:`serve_udp`.
 
     .. versionadded:: 0.1
     """
@@ -947,6 +954,7 @@ async def open_udp_server(
                     queue_size=queue_size,
                     max_peers=max_peers,
                     max_size=max_size,
+                    reuse_port=reuse_port,
                 )
             )
             try:
@@ -956,9 +964,16 @@ async def open_udp_server(
 
 
 async def _bind_server_sockets(
-    host: str | None, port: int, max_size: int
+    host: str | None, port: int, max_size: int, reuse_port: bool = False
 ) -> list[trio.socket.SocketType]:
-    sockets = await bind_sockets([host], port, socket.SOCK_DGRAM)
+    # reuse_port_option() raises OSError here, before any socket exists.
+    option = reuse_port_option() if reuse_port else None
+
+    def setup(sock: socket.socket) -> None:
+        if option is not None:
+            sock.setsockopt(socket.SOL_SOCKET, option, 1)
+
+    sockets = await bind_sockets([host], port, socket.SOCK_DGRAM, setup)
     try:
         for sock in sockets:
             _check_max_size(max_size, sock.family)

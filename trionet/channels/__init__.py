@@ -12,6 +12,8 @@ format and the delivery rules.
 from ._connection import ChannelConnection as ChannelConnection
 from ._connection import ChannelStatistics as ChannelStatistics
 from ._connection import Policy as Policy
+from ._redis import BackplaneStats as BackplaneStats
+from ._redis import RedisBackplane as RedisBackplane
 from ._server import ChannelServer as ChannelServer
 from ._server import connect_channels as connect_channels
 from ._server import open_channel_server as open_channel_server

@@ -30,7 +30,7 @@ import trio
 
 from .._client import connect_tcp
 from .._connection import Connection
-from .._server import AcceptFilter, Hook, Server, ServerStats, serve_tcp
+from .._server import AcceptFilter, Backplane, Hook, Server, ServerStats, serve_tcp
 from .._transport import Address
 from .._util import unwrap_single_exception
 from ._connection import (
@@ -68,6 +68,7 @@ class _TcpOptions(TypedDict, total=False):
     reuse_port: bool
     so_sndbuf: int | None
     so_rcvbuf: int | None
+    backplane: Backplane | None
 
 
 class ChannelServer:
@@ -138,12 +139,15 @@ class ChannelServer:
         The message is encoded once.  It joins each client's outgoing queue
         in order with that client's own messages; a client whose queue is full
         is closed with :attr:`~trionet.CloseReason.SLOW_CONSUMER` and the
-        others still get the message.
+        others still get the message.  With a ``backplane`` (see
+        :class:`RedisBackplane`) the clients of every other server on it get
+        it too.
 
         Raises:
             TypeError, ValueError: ``channel`` or ``data`` is invalid (see
                 :meth:`ChannelConnection.publish`); nothing was sent.
-            MessageTooLarge: the message does not fit ``max_size``.
+            MessageTooLarge: the message does not fit ``max_size`` (or the
+                backplane's ``max_payload``).
         """
         await self._tcp.broadcast(encode(channel, data))
 
@@ -205,8 +209,10 @@ async def serve_channels(
             ``framing`` (ssl_context, backlog, accept, max_connections,
             idle_timeout, message_timeout, send_queue_size, grace_period,
             flush_timeout, handshake_timeout, on_connect, on_close,
-            reuse_port, so_sndbuf, so_rcvbuf).  ``on_connect`` and
-            ``on_close`` get the :class:`trionet.Connection`.
+            reuse_port, so_sndbuf, so_rcvbuf, backplane).  ``on_connect`` and
+            ``on_close`` get the :class:`trionet.Connection`.  With
+            ``backplane=RedisBackplane(url)``, :meth:`ChannelServer.publish`
+            reaches the clients of every server on that backplane.
 
     .. versionadded:: 0.1
     """
