@@ -179,8 +179,8 @@ class ServerOptions:
     backplane: Backplane | None = None
 
 
-class _OptionsDict(TypedDict, total=False):
-    framing: Framing | None
+class _TransportOptionsDict(TypedDict, total=False):
+    # Every server option but ``framing`` (which layers above may fix).
     ssl_context: ssl.SSLContext | None
     backlog: int | None
     accept: AcceptFilter | None
@@ -197,6 +197,10 @@ class _OptionsDict(TypedDict, total=False):
     so_sndbuf: int | None
     so_rcvbuf: int | None
     backplane: Backplane | None
+
+
+class _OptionsDict(_TransportOptionsDict, total=False):
+    framing: Framing | None
 
 
 @attrs.frozen

@@ -24,13 +24,13 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, TypeAlias, TypedDict
+from typing import TYPE_CHECKING, TypeAlias
 
 import trio
 
 from .._client import connect_tcp
 from .._connection import Connection
-from .._server import AcceptFilter, Backplane, Hook, Server, ServerStats, serve_tcp
+from .._server import Server, ServerStats, _TransportOptionsDict, serve_tcp
 from .._transport import Address
 from .._util import unwrap_single_exception
 from ._connection import (
@@ -51,24 +51,7 @@ __all__ = ["ChannelServer", "connect_channels", "open_channel_server", "serve_ch
 ChannelHandler: TypeAlias = Callable[[ChannelConnection], Awaitable[object]]
 
 
-class _TcpOptions(TypedDict, total=False):
-    # ServerOptions without ``framing``, which the channel server sets.
-    ssl_context: ssl.SSLContext | None
-    backlog: int | None
-    accept: AcceptFilter | None
-    max_connections: int | None
-    idle_timeout: float | None
-    message_timeout: float | None
-    send_queue_size: int
-    grace_period: float
-    flush_timeout: float
-    handshake_timeout: float
-    on_connect: Hook | None
-    on_close: Hook | None
-    reuse_port: bool
-    so_sndbuf: int | None
-    so_rcvbuf: int | None
-    backplane: Backplane | None
+_TcpOptions: TypeAlias = _TransportOptionsDict
 
 
 class ChannelServer:
