@@ -10,6 +10,7 @@ process of their own (``python -c "...; run_echo_pool()"``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -84,8 +85,12 @@ async def test_udp_servers_share_a_port_with_reuse_port() -> None:
                     pass  # pragma: no cover
             # Each remote address is hashed to one of the two sockets; 32
             # addresses all land on one of them with odds of about 5e-10.
-            for i in range(32):
-                async with trionet.open_udp(remote=("127.0.0.1", port)) as ep:
+            # The endpoints stay open together, so their ports are distinct.
+            async with contextlib.AsyncExitStack() as stack:
+                for i in range(32):
+                    ep = await stack.enter_async_context(
+                        trionet.open_udp(remote=("127.0.0.1", port))
+                    )
                     await ep.send(f"ping {i}")
                     with trio.fail_after(STEP):
                         assert await ep.receive() == f"ping {i}".encode()
