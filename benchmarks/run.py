@@ -730,7 +730,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, help="repetitions (default 3; quick 1)")
     parser.add_argument("--duration", type=float, help="measured seconds per run (2.0)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per run (0.3)")
-    parser.add_argument("--output", default=str(HERE / "results.md"))
+    parser.add_argument(
+        "--output",
+        help="report file (default benchmarks/results.md; with --quick "
+        "benchmarks/results-quick.md, so a smoke pass never replaces the report "
+        "the docs show)",
+    )
     parser.add_argument(
         "--rst", metavar="FILE", help="also write the report as reStructuredText"
     )
@@ -816,10 +821,13 @@ def main() -> None:
     ]
     report = render(works, stacks, results, skipped, errors, header)
     print(report)
-    Path(args.output).write_text(report, encoding="utf-8")
+    output = Path(
+        args.output or HERE / ("results-quick.md" if args.quick else "results.md")
+    )
+    output.write_text(report, encoding="utf-8")
     if args.rst:
         Path(args.rst).write_text(to_rst(report), encoding="utf-8")
-    Path(args.output).with_suffix(".json").write_text(
+    output.with_suffix(".json").write_text(
         json.dumps(
             {"results": results, "skipped": skipped, "errors": errors}, indent=1
         ),
