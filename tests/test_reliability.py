@@ -31,7 +31,6 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -725,25 +724,6 @@ async def test_slowloris(
 
 
 # TLS
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(context)
-    return context
-
-
-@pytest.fixture(scope="module")
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
 
 
 def client_hello(context: ssl.SSLContext) -> bytes:
