@@ -339,6 +339,142 @@ async def test_signal_shuts_echo_down_gracefully(tmp_path: Path, signum: int) ->
     assert "Traceback" not in log
 
 
+# ------------------------------------------------------------ --workers
+
+needs_reuse_port = pytest.mark.skipif(
+    not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT"
+)
+
+
+def worker_shares(log: str) -> list[int]:
+    """The per-worker counts in the ``stopped: ... by N workers (a + b)`` line."""
+    match = re.search(r"by \d+ workers \(([\d +]+)\)", log)
+    assert match, log
+    return [int(n) for n in match.group(1).split(" + ")]
+
+
+@needs_posix
+@needs_reuse_port
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_echo_workers_share_the_port_and_stop_together(
+    tmp_path: Path, signum: int
+) -> None:
+    async with echo_server(tmp_path, "--workers", "2") as echo:
+        assert echo.first_line.endswith("(tcp, line framing, 2 workers)")
+        result = await run_async(
+            "load", f"127.0.0.1:{echo.port}", "-c", "24", "-n", "240", "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        assert load_json(result)["errors"] == {}
+        # Only the parent is signalled; it forwards the stop to the workers.
+        assert await echo.stop(signum) == 0
+    log = echo.stderr()
+    assert f"{signal.Signals(signum).name}: stopping 2 workers" in log
+    assert "stopped: 24 connections served (CLOSED_BY_PEER 24) by 2 workers" in log
+    shares = worker_shares(log)
+    # The kernel spread the 24 connections: each worker served some.
+    assert len(shares) == 2 and sum(shares) == 24 and min(shares) > 0, log
+    assert "Traceback" not in log
+
+
+@needs_posix
+@needs_reuse_port
+async def test_echo_workers_drain_open_connections(tmp_path: Path) -> None:
+    args = ("--workers", "2", "--grace-period", "0.2", "--framing", "frame")
+    async with echo_server(tmp_path, *args) as echo:
+        conns = [
+            await trionet.connect_tcp("127.0.0.1", echo.port, framing=trionet.Frames())
+            for _ in range(8)
+        ]
+        for i, conn in enumerate(conns):
+            await conn.send(b"%d" % i)
+            assert await conn.receive() == b"%d" % i
+        echo.process.send_signal(signal.SIGINT)
+        # Every connection ends cleanly once the grace period is over.
+        with trio.fail_after(CHILD_TIMEOUT):
+            for conn in conns:
+                with pytest.raises(trionet.ConnectionClosed) as info:
+                    await conn.receive()
+                assert info.value.reason is trionet.CloseReason.CLOSED_BY_PEER
+                await conn.aclose()
+            assert await echo.process.wait() == 0
+    log = echo.stderr()
+    assert "stopped: 8 connections served (SHUTDOWN 8) by 2 workers" in log
+    assert sum(worker_shares(log)) == 8
+
+
+@needs_posix
+@needs_reuse_port
+async def test_udp_echo_workers(tmp_path: Path) -> None:
+    async with echo_server(tmp_path, "--udp", "--workers", "2") as echo:
+        assert echo.first_line.endswith("(udp, 2 workers)")
+        result = await run_async(
+            "load", f"127.0.0.1:{echo.port}", "--udp", "-c", "16", "-n", "160", "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        assert load_json(result)["messages"] == 160
+        assert await echo.stop() == 0
+    log = echo.stderr()
+    assert "stopped: 16 peers, " in log
+    shares = worker_shares(log)
+    assert sum(shares) == 16 and min(shares) > 0, log
+
+
+@needs_reuse_port
+def test_echo_workers_on_a_port_in_use_fail_at_once() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_sync("echo", "--workers", "3", "--port", str(port))
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1 port {port}")
+
+
+async def test_a_worker_that_cannot_listen_reports_the_error() -> None:
+    from trionet._cli import _echo
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        options = _echo._Options(
+            host="127.0.0.1",
+            port=port,
+            udp=False,
+            framing_name="line",
+            tls_cert=None,
+            tls_key=None,
+            grace_period=0.0,
+            verbose=False,
+        )
+        worker = trionet.Worker()
+        # Returns (so the pool does not restart it) with the error for the parent.
+        await _echo._worker_main(worker, options, port)
+    assert worker.last_report is not None
+    assert f"cannot listen on 127.0.0.1 port {port}" in worker.last_report["error"]
+
+
+@needs_posix
+async def test_the_parent_stops_the_pool_on_a_worker_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from trionet._cli import _echo
+
+    reserved = socket.socket()
+    view = _echo._PoolView(2, [reserved])
+    view.on_report(0, {"listening": "127.0.0.1:9", "what": "tcp, line framing"})
+    assert reserved.fileno() == -1  # the port is held by a worker now
+    assert capsys.readouterr().out == ""  # not every worker serves yet
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        # run_workers stops every worker on this process's own SIGTERM.
+        view.on_report(1, {"error": "cannot listen on 127.0.0.1 port 9: boom"})
+        with trio.fail_after(CHILD_TIMEOUT):
+            async for signum in signals:
+                assert signum == signal.SIGTERM
+                break
+    assert view.error == "cannot listen on 127.0.0.1 port 9: boom"
+
+
 @needs_posix
 async def test_second_signal_cuts_the_grace_period_short() -> None:
     process = await trio.lowlevel.open_process(

@@ -4,20 +4,31 @@ It prints ``listening on HOST:PORT (...)`` as its first line on stdout, then
 serves until SIGINT or SIGTERM, shuts down gracefully (the server stops
 accepting, handlers get the grace period, queued replies are flushed) and
 exits with code 0.  A second signal during the shutdown stops at once.
+
+With ``--workers N`` the same server runs in N processes
+(:func:`trionet.run_workers`) that share the port through SO_REUSEPORT; the
+parent prints the ``listening on`` line once every worker serves, forwards
+the stop request, and sums the workers' counts in its ``stopped:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
+import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
 from functools import partial
+from typing import Any, TypeAlias
 
+import attrs
 import trio
 
 import trionet
 
+from .._listeners import bind_sockets, reuse_port_option
 from ._common import (
     CliError,
     Parser,
@@ -25,6 +36,7 @@ from ._common import (
     format_address,
     non_negative_float,
     parse_port,
+    positive_int,
     say,
 )
 
@@ -34,6 +46,8 @@ __all__ = ["add_parser", "run"]
 UDP_IDLE_TIMEOUT = 60.0
 #: Exit code when a second signal cut the graceful shutdown short.
 EXIT_FORCED = 130
+#: With --workers: seconds a worker has past the grace period to flush and exit.
+SHUTDOWN_MARGIN = 10.0
 
 
 def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
@@ -77,6 +91,13 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         help="at shutdown, how long open connections may finish (1.0)",
     )
     parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="serve from N processes sharing the port with SO_REUSEPORT (1)",
+    )
+    parser.add_argument(
         "--verbose",
         "-v",
         action="store_true",
@@ -97,6 +118,20 @@ def _ssl_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+@attrs.frozen
+class _Options:
+    """What a server (in this process or in a worker) is started with."""
+
+    host: str
+    port: int
+    udp: bool
+    framing_name: str
+    tls_cert: str | None
+    tls_key: str | None
+    grace_period: float
+    verbose: bool
+
+
 def run(args: argparse.Namespace) -> int:
     """Check the options, then serve until a signal arrives."""
     if args.udp:
@@ -108,9 +143,26 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--tls-cert/--tls-key do not apply to --udp")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
-    context = _ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    framing_name = args.framing or "line"
-    return trio.run(partial(_serve, args, framing_name, context))
+    options = _Options(
+        host=args.host,
+        port=args.port,
+        udp=args.udp,
+        framing_name=args.framing or "line",
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        grace_period=args.grace_period,
+        verbose=args.verbose,
+    )
+    context = _load_tls(options)  # also checks the files before any worker starts
+    if args.workers > 1:
+        return _serve_with_workers(options, args.workers)
+    return trio.run(_serve, options, context)
+
+
+def _load_tls(options: _Options) -> ssl.SSLContext | None:
+    if options.tls_cert is None or options.tls_key is None:
+        return None
+    return _ssl_context(options.tls_cert, options.tls_key)
 
 
 def _log_connect(conn: trionet.Connection) -> None:
@@ -142,57 +194,73 @@ async def _echo_raw(conn: trionet.Connection) -> None:
         pass
 
 
-async def _serve(
-    args: argparse.Namespace, framing_name: str, context: ssl.SSLContext | None
-) -> int:
+_AnyServer: TypeAlias = "trionet.Server | trionet.UdpServer"
+
+
+async def _start_server(
+    nursery: trio.Nursery,
+    options: _Options,
+    context: ssl.SSLContext | None,
+    port: int,
+    *,
+    reuse_port: bool = False,
+) -> tuple[_AnyServer, str]:
+    """Start the echo server in ``nursery``; return it and what it speaks."""
+    server: _AnyServer
+    try:
+        if options.udp:
+            server = await nursery.start(
+                partial(
+                    trionet.serve_udp,
+                    partial(_echo_datagrams, options.verbose),
+                    port,
+                    host=options.host,
+                    idle_timeout=UDP_IDLE_TIMEOUT,
+                    reuse_port=reuse_port,
+                )
+            )
+            return server, "udp"
+        framing: trionet.Framing | None = None
+        if options.framing_name == "line":
+            framing = trionet.Lines()
+        elif options.framing_name == "frame":
+            framing = trionet.Frames()
+        server = await nursery.start(
+            partial(
+                trionet.serve_tcp,
+                _echo_raw if framing is None else _echo_messages,
+                port,
+                host=options.host,
+                framing=framing,
+                ssl_context=context,
+                grace_period=options.grace_period,
+                reuse_port=reuse_port,
+                on_connect=_log_connect if options.verbose else None,
+                on_close=_log_close if options.verbose else None,
+            )
+        )
+    except OSError as exc:
+        raise _cannot_listen(options, port, exc) from exc
+    return server, ("tls" if context else "tcp") + f", {options.framing_name} framing"
+
+
+def _cannot_listen(options: _Options, port: int, exc: OSError) -> CliError:
+    return CliError(
+        f"cannot listen on {options.host} port {port}: {exc.strerror or exc}"
+    )
+
+
+async def _serve(options: _Options, context: ssl.SSLContext | None) -> int:
     signals = [signal.SIGINT]
     if hasattr(signal, "SIGTERM"):
         signals.append(signal.SIGTERM)
     with trio.open_signal_receiver(*signals) as received:
         async with trio.open_nursery() as nursery:
-            server: trionet.Server | trionet.UdpServer
-            try:
-                if args.udp:
-                    server = await nursery.start(
-                        partial(
-                            trionet.serve_udp,
-                            partial(_echo_datagrams, args.verbose),
-                            args.port,
-                            host=args.host,
-                            idle_timeout=UDP_IDLE_TIMEOUT,
-                        )
-                    )
-                    what = "udp"
-                else:
-                    framing: trionet.Framing | None = None
-                    if framing_name == "line":
-                        framing = trionet.Lines()
-                    elif framing_name == "frame":
-                        framing = trionet.Frames()
-                    handler = _echo_raw if framing is None else _echo_messages
-                    server = await nursery.start(
-                        partial(
-                            trionet.serve_tcp,
-                            handler,
-                            args.port,
-                            host=args.host,
-                            framing=framing,
-                            ssl_context=context,
-                            grace_period=args.grace_period,
-                            on_connect=_log_connect if args.verbose else None,
-                            on_close=_log_close if args.verbose else None,
-                        )
-                    )
-                    what = ("tls" if context else "tcp") + f", {framing_name} framing"
-            except OSError as exc:
-                raise CliError(
-                    f"cannot listen on {args.host} port {args.port}: "
-                    f"{exc.strerror or exc}"
-                ) from exc
+            server, what = await _start_server(nursery, options, context, options.port)
             where = ", ".join(format_address(a) for a in server.addresses)
             print(f"listening on {where} ({what})", flush=True)
             name = await _next_signal(received)
-            say(f"{name}: shutting down (grace period {args.grace_period:g} s)")
+            say(f"{name}: shutting down (grace period {options.grace_period:g} s)")
             forced = False
 
             async def stop_on_second_signal() -> None:
@@ -206,7 +274,7 @@ async def _serve(
                 shutdown.start_soon(stop_on_second_signal)
                 await server.aclose()
                 shutdown.cancel_scope.cancel()
-    _report(server)
+    say(_summary([_stats(server)]))
     return EXIT_FORCED if forced else 0
 
 
@@ -216,23 +284,143 @@ async def _next_signal(received: AsyncIterator[int]) -> str:
     raise AssertionError("signal receivers never end")  # pragma: no cover
 
 
-def _report(server: trionet.Server | trionet.UdpServer) -> None:
+def _stats(server: _AnyServer) -> dict[str, Any]:
+    """The counts the closing summary reports, as JSON a worker can send."""
     if isinstance(server, trionet.Server):
-        stats = server.stats
-        closed = ", ".join(
-            f"{r.name} {n}"
-            for r, n in sorted(stats.closed.items(), key=lambda i: i[0].name)
+        closed = {reason.name: n for reason, n in server.stats.closed.items()}
+        return {"accepted": server.stats.accepted, "closed": closed}
+    udp = server.stats
+    return {
+        "peers": udp.peers_started,
+        "received": udp.received,
+        "dropped": udp.dropped,
+    }
+
+
+def _summary(stats: Sequence[Mapping[str, Any]], workers: int = 1) -> str:
+    """``stopped: ...`` for the stats of one server or of every worker's."""
+    total: Counter[str] = Counter()
+    closed: Counter[str] = Counter()
+    for one in stats:
+        total.update({k: v for k, v in one.items() if k != "closed"})
+        closed.update(one.get("closed", {}))
+    unit = "peers" if "peers" in total else "accepted"
+    shares = " + ".join(str(one.get(unit, 0)) for one in stats)
+    by = f" by {workers} workers ({shares})" if workers > 1 else ""
+    if unit == "peers":
+        return (
+            f"stopped: {total['peers']} peers, {total['received']} datagrams "
+            f"received, {total['dropped']} dropped{by}"
         )
-        say(
-            f"stopped: {stats.accepted} connections served"
-            + (f" ({closed})" if closed else "")
+    listed = ", ".join(f"{name} {n}" for name, n in sorted(closed.items()))
+    return (
+        f"stopped: {total['accepted']} connections served"
+        + (f" ({listed})" if listed else "")
+        + by
+    )
+
+
+# --------------------------------------------------------------- --workers
+
+
+def _serve_with_workers(options: _Options, workers: int) -> int:
+    """Serve from ``workers`` processes that share one port (SO_REUSEPORT).
+
+    The parent binds the port first (without listening), so a busy port or a
+    bad host fails here in one line, and ``--port 0`` picks one port for every
+    worker.  It lets that socket go once a worker holds the port, and prints
+    the ``listening on`` line when every worker is serving.
+    """
+    try:
+        reuse_port_option()
+    except OSError as exc:
+        raise UsageError(f"--workers needs SO_REUSEPORT: {exc}") from exc
+    kind = socket.SOCK_DGRAM if options.udp else socket.SOCK_STREAM
+    try:
+        reserved = trio.run(
+            partial(bind_sockets, [options.host], options.port, kind, _reusable)
         )
-    else:
-        udp = server.stats
-        say(
-            f"stopped: {udp.peers_started} peers, {udp.received} datagrams "
-            f"received, {udp.dropped} dropped"
+    except OSError as exc:
+        raise _cannot_listen(options, options.port, exc) from exc
+    pool = _PoolView(workers, reserved)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("trionet")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        code = trionet.run_workers(
+            _worker_main,
+            workers,
+            args=(options, reserved[0].getsockname()[1]),
+            shutdown_timeout=options.grace_period + SHUTDOWN_MARGIN,
+            on_report=pool.on_report,
         )
+    finally:
+        pool.release()
+        logger.removeHandler(handler)
+    if pool.error is not None:
+        raise CliError(pool.error)
+    say(_summary([pool.stopped[i] for i in sorted(pool.stopped)], workers))
+    return code
+
+
+def _reusable(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, reuse_port_option(), 1)
+
+
+class _PoolView:
+    """The parent's view of its workers, built from their reports."""
+
+    def __init__(self, workers: int, reserved: list[socket.socket]) -> None:
+        self.workers = workers
+        self.reserved = reserved
+        self.ready: set[int] = set()
+        self.announced = False
+        self.stopped: dict[int, Mapping[str, Any]] = {}
+        self.error: str | None = None
+
+    def release(self) -> None:
+        for sock in self.reserved:
+            sock.close()
+        self.reserved = []
+
+    def on_report(self, index: int, report: dict[str, Any]) -> None:
+        if "error" in report:
+            if self.error is None:
+                self.error = str(report["error"])
+                # Ask the pool to stop, as Ctrl-C would: run_workers handles
+                # this process's own SIGTERM by stopping every worker.
+                signal.raise_signal(signal.SIGTERM)
+        elif "stopped" in report:
+            self.stopped[index] = report["stopped"]
+        elif "listening" in report:
+            self.release()  # a worker holds the port now
+            self.ready.add(index)
+            if len(self.ready) == self.workers and not self.announced:
+                self.announced = True
+                print(
+                    f"listening on {report['listening']} "
+                    f"({report['what']}, {self.workers} workers)",
+                    flush=True,
+                )
+
+
+async def _worker_main(worker: trionet.Worker, options: _Options, port: int) -> None:
+    """One worker of ``--workers``: serve on the shared port until told to stop."""
+    async with trio.open_nursery() as nursery:
+        try:
+            server, what = await _start_server(
+                nursery, options, _load_tls(options), port, reuse_port=True
+            )
+        except CliError as exc:
+            worker.report({"error": str(exc)})
+            return
+        where = ", ".join(format_address(a) for a in server.addresses)
+        worker.report({"listening": where, "what": what})
+        await worker.shutdown_requested.wait()
+        await server.aclose()
+    worker.report({"stopped": _stats(server)})
 
 
 async def _echo_datagrams(verbose: bool, peer: trionet.UdpPeer) -> None:
