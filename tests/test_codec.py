@@ -31,7 +31,7 @@ from trionet import (
     ProtocolError,
     TrionetError,
 )
-from trionet._codec import Framing, ReceiveBuffer, as_bytes
+from trionet._codec import Framing, ReceiveBuffer, _buffer, as_bytes
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -316,6 +316,45 @@ def test_line_too_long_without_delimiter_raised_early(delimiter: bytes) -> None:
     assert decoder.buffered == limit
 
 
+@given(
+    delimiter=st.sampled_from(DELIMITERS),
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=40),
+    max_length=st.integers(0, 16),
+)
+def test_line_length_checks_agree(
+    delimiter: bytes, lengths: list[int], max_length: int
+) -> None:
+    # extract_lines checks many short lines under a large limit by hopping
+    # between delimiters instead of measuring each line; both checks must give
+    # the verdict of measuring every line.
+    lines = [bytes([0x61 + i % 26]) * length for i, length in enumerate(lengths)]
+    region = delimiter.join(lines)
+    fits = max(lengths) <= max_length
+    assert _buffer._fits_by_hops(region, delimiter, max_length) == fits
+    assert _buffer._lines_fit(region, lines, delimiter, max_length) == fits
+
+
+@pytest.mark.parametrize("delimiter", DELIMITERS)
+@pytest.mark.parametrize("long_line", [100, 101, 250])
+def test_too_long_line_among_many_short_ones(delimiter: bytes, long_line: int) -> None:
+    # Enough short lines under the limit that messages() hops between
+    # delimiters rather than measuring each line.
+    framing = Lines(delimiter=delimiter, max_length=100)
+    before = [b"ab"] * 700
+    after = [b"cd"] * 10
+    wire = b"".join(line + delimiter for line in [*before, b"x" * long_line, *after])
+    decoder = Decoder(framing)
+    decoder.feed(wire)
+    if long_line <= 100:
+        assert decoder.messages() == [*before, b"x" * long_line, *after]
+        assert decoder.buffered == 0
+    else:
+        assert decoder.messages() == before
+        with pytest.raises(LineTooLong) as info:
+            decoder.messages()
+        assert_failed_for_good(decoder, info.value)
+
+
 # --------------------------------------------------------------------------
 # 3. Frames
 
@@ -495,6 +534,78 @@ def test_zero_length_frames(header_size: int) -> None:
             out, decoder = decode(framing, chunks, collect)
             assert out == [b"", b"", b""]
             assert decoder.buffered == 0
+
+
+def reference_frames(
+    wire: bytes, header_size: int, max_size: int
+) -> tuple[list[bytes], bool]:
+    """The payloads of ``wire`` read one by one, and whether a bad header ends it."""
+    payloads: list[bytes] = []
+    pos = 0
+    # Each pass moves ``pos`` forward by at least ``header_size``.
+    while len(wire) - pos >= header_size:
+        length = int.from_bytes(wire[pos : pos + header_size], "big")
+        if length > max_size:
+            return payloads, True
+        end = pos + header_size + length
+        if end > len(wire):
+            break
+        payloads.append(wire[pos + header_size : end])
+        pos = end
+    return payloads, False
+
+
+@given(
+    header_size=st.sampled_from(HEADER_SIZES),
+    sizes=st.lists(st.integers(0, 40), max_size=30),
+    bad_header=st.booleans(),
+    data=st.data(),
+)
+def test_frames_across_copy_windows(
+    header_size: int, sizes: list[int], bad_header: bool, data: st.DataObject
+) -> None:
+    # messages() slices small payloads out of a copy of a window of the buffer
+    # and copies large ones straight out; shrinking both limits makes short
+    # streams cross window edges and mix the two ways.
+    framing = Frames(max_size=40, header_size=header_size)
+    payloads = [bytes((i + j) % 256 for j in range(n)) for i, n in enumerate(sizes)]
+    wire = b"".join(framing.encode(payload) for payload in payloads)
+    if bad_header:
+        wire += (41).to_bytes(header_size, "big") + b"junk"
+    expected, too_large = reference_frames(wire, header_size, framing.max_size)
+    assert expected == payloads
+    assert too_large == bad_header
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_buffer, "_WINDOW", 48)
+        patch.setattr(_buffer, "_SMALL_FRAME", 12)
+        for chunks in [[wire], *chunkings(data, wire)]:
+            decoder = Decoder(framing)
+            out: list[bytes] = []
+            error: FrameTooLarge | None = None
+            for chunk in chunks:
+                decoder.feed(chunk)
+                try:
+                    collect_messages(decoder, out)
+                except FrameTooLarge as exc:
+                    error = exc
+                    break
+            assert out == payloads
+            assert (error is not None) == bad_header
+            if not bad_header:
+                assert decoder.buffered == 0
+
+
+def test_frames_small_and_large_in_big_chunks() -> None:
+    # The real window and size limits, with a stream much larger than a window.
+    framing = Frames()
+    sizes = [1024] * 300 + [4096, 4097, 0, 70000, 10, 300000, 3] + [100] * 2000
+    payloads = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+    wire = b"".join(framing.encode(payload) for payload in payloads)
+    for chunk_size in (len(wire), 65536, 1000):
+        chunks = [wire[i : i + chunk_size] for i in range(0, len(wire), chunk_size)]
+        out, decoder = decode(framing, chunks, collect_messages)
+        assert out == payloads
+        assert decoder.buffered == 0
 
 
 # --------------------------------------------------------------------------

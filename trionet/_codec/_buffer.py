@@ -15,6 +15,10 @@ were chunked:
   in O(1) by moving its start pointer.
 * A line search never rescans bytes it already searched: ``_scan`` remembers
   how far the last unsuccessful search got (for the delimiter it searched for).
+* Frames are cut out of the buffer without a copy per header: a precompiled
+  ``struct`` reads each length in place.  Small payloads are sliced out of
+  one ``bytes`` copy of a window of the buffer (one slice each is much cheaper
+  than a memoryview per payload); large ones are copied straight out.
 * Limits are checked before more is buffered: a frame header announcing more
   than ``max_size`` is refused as soon as the header is complete, and a line
   with no delimiter is refused as soon as the buffer proves it too long.  Only
@@ -28,14 +32,85 @@ delimiter.
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
 from .._exceptions import FrameTooLarge, LineTooLong
 
 __all__ = ["ReceiveBuffer"]
+
+# Reads the big-endian length at an offset: ``(length,) = read(buf, offset)``.
+_HeaderReader: TypeAlias = Callable[[bytes | bytearray, int], tuple[Any, ...]]
+
+_HEADER_READERS: dict[int, _HeaderReader] = {
+    size: struct.Struct(fmt).unpack_from
+    for size, fmt in ((1, ">B"), (2, ">H"), (4, ">I"), (8, ">Q"))
+}
+
+# Taking at least this many bytes goes through a memoryview (one copy);
+# below it, a bytearray slice then ``bytes`` (two copies) is cheaper.
+_COPY_THROUGH_VIEW = 8192
+
+# extract_frames slices payloads out of ``bytes`` copies of at most
+# ``_WINDOW`` buffered bytes; a payload of more than ``_SMALL_FRAME`` bytes
+# that would start a window is copied straight out of the buffer instead.
+# (``_WINDOW`` must hold a header and a small payload.)
+_WINDOW = 128 * 1024
+_SMALL_FRAME = 4096
+
+
+def _header_reader(header_size: int) -> _HeaderReader:
+    reader = _HEADER_READERS.get(header_size)
+    if reader is not None:
+        return reader
+
+    def read(buffer: bytes | bytearray, offset: int) -> tuple[int]:
+        return (int.from_bytes(buffer[offset : offset + header_size], "big"),)
+
+    return read
 
 
 def _overlaps_itself(delimiter: bytes) -> bool:
     """Whether a proper prefix of ``delimiter`` is also its suffix."""
     return any(delimiter[:k] == delimiter[-k:] for k in range(1, len(delimiter)))
+
+
+def _lines_fit(
+    region: bytes, lines: list[bytes], delimiter: bytes, max_length: int
+) -> bool:
+    """Whether no line of ``lines`` (``region`` split at ``delimiter``) is too long.
+
+    ``delimiter`` must not overlap itself.  Measuring every line is cheap for
+    a few lines; many short lines under a large limit are checked faster by
+    :func:`_fits_by_hops`.
+    """
+    if len(region) <= max_length:
+        return True
+    # A hop costs about as much as measuring 8 lines, and there are at most
+    # 2 * len(region) / (max_length + 1) of them.
+    if len(lines) * (max_length + 1) < 16 * len(region):
+        return max(map(len, lines)) <= max_length
+    return _fits_by_hops(region, delimiter, max_length)
+
+
+def _fits_by_hops(region: bytes, delimiter: bytes, max_length: int) -> bool:
+    """Whether no line of ``region`` split at ``delimiter`` is too long.
+
+    Hops from line start to line start, each time to just after the last
+    delimiter that ends a line short enough: every line hopped over fits, and
+    two hops cover more than ``max_length`` bytes.  ``delimiter`` must not
+    overlap itself.
+    """
+    width = len(delimiter)
+    start = 0
+    # ``start`` begins a line and moves forward on each pass, so this ends.
+    while len(region) - start > max_length:
+        end = region.rfind(delimiter, start, start + max_length + width)
+        if end < 0:
+            return False
+        start = end + width
+    return True
 
 
 class ReceiveBuffer:
@@ -72,7 +147,13 @@ class ReceiveBuffer:
     def _take(self, start: int, stop: int, consumed: int) -> bytes:
         # Return data[start:stop] and drop the first ``consumed`` bytes.
         data = self._data
-        out = bytes(data[start:stop])
+        if start == 0 and stop == len(data):
+            out = bytes(data)
+        elif stop - start < _COPY_THROUGH_VIEW:
+            out = bytes(data[start:stop])
+        else:
+            with memoryview(data) as view:
+                out = bytes(view[start:stop])
         if consumed == len(data):
             data.clear()
         else:
@@ -143,8 +224,10 @@ class ReceiveBuffer:
                 if not lines:
                     raise
             return lines
-        lines = bytes(data[:last]).split(delimiter)
-        if max(map(len, lines)) > max_length:
+        with memoryview(data) as view:
+            region = bytes(view[:last])
+        lines = region.split(delimiter)
+        if not _lines_fit(region, lines, delimiter, max_length):
             good = 0
             while len(lines[good]) <= max_length:
                 good += 1
@@ -171,7 +254,7 @@ class ReceiveBuffer:
         data = self._data
         if len(data) < header_size:
             return None
-        length = int.from_bytes(data[:header_size], "big")
+        length: int = _header_reader(header_size)(data, 0)[0]
         if length > max_size:
             raise FrameTooLarge(
                 f"frame header announces {length} bytes; max_size is {max_size}"
@@ -201,16 +284,36 @@ class ReceiveBuffer:
         """
         data = self._data
         size = len(data)
+        read = _header_reader(header_size)
         out: list[bytes] = []
+        append = out.append
         pos = 0
+        length: int
         with memoryview(data) as view:
             while size - pos >= header_size:
-                length = int.from_bytes(view[pos : pos + header_size], "big")
+                (length,) = read(data, pos)
                 end = pos + header_size + length
                 if length > max_size or end > size:
                     break
-                out.append(bytes(view[pos + header_size : end]))
-                pos = end
+                if length > _SMALL_FRAME:
+                    append(bytes(view[pos + header_size : end]))
+                    pos = end
+                    continue
+                # Copy a window once and slice every payload that lies wholly
+                # inside it; the frame that does not (or a bad header) is
+                # looked at again by the outer loop.  The window holds at
+                # least this small frame, so each pass makes progress.
+                window = bytes(view[pos : pos + _WINDOW])
+                limit = len(window)
+                start = 0
+                while limit - start >= header_size:
+                    (length,) = read(window, start)
+                    end = start + header_size + length
+                    if length > max_size or end > limit:
+                        break
+                    append(window[start + header_size : end])
+                    start = end
+                pos += start
         if not out:
             frame = self.extract_frame(header_size, max_size)  # may raise
             return [] if frame is None else [frame]

@@ -144,8 +144,11 @@ class Frames:
         Raises:
             MessageTooLarge: ``data`` is larger than ``max_size``.
         """
-        payload = as_bytes(data)
-        return self.header(len(payload)) + payload
+        payload = data if type(data) is bytes else as_bytes(data)
+        size = len(payload)
+        if size > self.max_size:
+            self.header(size)  # raises MessageTooLarge
+        return size.to_bytes(self.header_size, "big") + payload
 
     def extract(self, buffer: ReceiveBuffer) -> bytes | None:
         """Remove one frame's payload from ``buffer``, or return None."""
