@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import tracemalloc
 
 import pytest
 import trio
@@ -15,6 +16,7 @@ import trio.testing
 
 import trionet
 from trionet import CloseReason, ConnectionClosed, IncompleteMessage
+from trionet._connection import DIRECT_RECEIVE_MIN, Connection
 
 from .conftest import open_pair
 
@@ -353,3 +355,133 @@ async def test_switching_modes_after_a_batch_loses_nothing(pair_kind: str) -> No
         await client.send(b"five")
         assert await server.receive_line() == b"four"
         assert await server.receive() == b"five"
+
+
+# ------------------------------------------- large messages, received directly
+
+#: Bigger than two DIRECT_RECEIVE_MIN, so the body is received directly.
+BIG = 3 * DIRECT_RECEIVE_MIN + 12_345
+
+
+def pattern(size: int) -> bytes:
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
+
+
+@pytest.fixture
+def direct_receives(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The body sizes of every message taken by the direct-receive path."""
+    sizes: list[int] = []
+    original = Connection._receive_direct
+
+    async def spy(self: Connection, header_size: int, size: int) -> bytes:
+        sizes.append(size)
+        return await original(self, header_size, size)
+
+    monkeypatch.setattr(Connection, "_receive_direct", spy)
+    return sizes
+
+
+async def test_large_messages_arrive_whole_between_small_ones(
+    pair_kind: str, direct_receives: list[int]
+) -> None:
+    body = pattern(BIG)
+    async with open_pair(pair_kind, framing=trionet.Frames()) as (client, server):
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await client.send(body)
+                await client.send(b"small")
+                await client.send_all(body[::-1])
+                await client.send_line(b"after")
+
+            nursery.start_soon(send)
+            assert await server.receive() == body
+            assert await server.receive() == b"small"
+            assert await server.receive_exactly(BIG) == body[::-1]
+            assert await server.receive_line() == b"after"
+    assert direct_receives == [BIG, BIG]
+    assert server.bytes_received == 2 * BIG + 4 + 4 + 5 + 6
+
+
+async def test_cancelled_large_receive_gives_its_bytes_back(
+    pair_kind: str, direct_receives: list[int]
+) -> None:
+    body = pattern(BIG)
+    frame = trionet.Frames().encode(body)
+    first = 2 * DIRECT_RECEIVE_MIN + 100
+    async with open_pair(pair_kind, framing=trionet.Frames()) as (client, server):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, frame[:first])
+            with trio.CancelScope() as scope:
+
+                async def cancel_once_blocked() -> None:
+                    # Blocked means every byte sent so far has been received.
+                    while server.bytes_received < first:
+                        await trio.testing.wait_all_tasks_blocked()
+                    scope.cancel()
+
+                nursery.start_soon(cancel_once_blocked)
+                await server.receive_frame()
+            assert scope.cancelled_caught
+        assert direct_receives == [BIG]
+        await client.send_all(frame[first:])
+        assert await server.receive_frame() == body
+        assert server.close_reason is None
+
+
+async def test_stream_ending_inside_a_large_message(
+    pair_kind: str, direct_receives: list[int]
+) -> None:
+    frame = trionet.Frames().encode(pattern(BIG))
+    partial = frame[: 2 * DIRECT_RECEIVE_MIN + 7]
+    async with open_pair(pair_kind) as (client, server):
+
+        async def send_and_close() -> None:
+            await client.send_all(partial)
+            await client.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_and_close)
+            with pytest.raises(IncompleteMessage) as info:
+                await server.receive_frame()
+        assert info.value.partial == partial
+        assert info.value.reason is CloseReason.CLOSED_BY_PEER
+    assert direct_receives == [BIG]
+
+
+async def test_message_timeout_covers_a_large_body(
+    pair_kind: str, autojump_clock: trio.testing.MockClock, direct_receives: list[int]
+) -> None:
+    frame = trionet.Frames().encode(pattern(BIG))
+    async with open_pair(pair_kind) as (client, server):
+        server.message_timeout = 3.0
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, frame[: 2 * DIRECT_RECEIVE_MIN])
+            with pytest.raises(ConnectionClosed) as info:
+                await server.receive_frame()
+        assert info.value.reason is CloseReason.TIMEOUT
+        assert trio.current_time() - start == pytest.approx(3.0, abs=0.01)
+    assert direct_receives == [BIG]
+
+
+async def test_memory_follows_what_arrived_not_what_was_announced() -> None:
+    # A 16 MiB frame is announced but only 2 x DIRECT_RECEIVE_MIN of it
+    # arrive: the receiver must not allocate anywhere near 16 MiB.
+    arrived = 2 * DIRECT_RECEIVE_MIN
+    left, right = trio.testing.memory_stream_pair()
+    client = Connection(left)
+    server = Connection(right, framing=trionet.Frames())
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.receive)
+            await client.send_all((16 << 20).to_bytes(4, "big") + bytes(arrived))
+            await trio.testing.wait_all_tasks_blocked()
+            peak = tracemalloc.get_traced_memory()[1] - base
+            nursery.cancel_scope.cancel()
+    finally:
+        tracemalloc.stop()
+    # The sent bytes, the receive buffer, the pieces and one transient copy.
+    assert peak < 6 * arrived, peak

@@ -68,6 +68,10 @@ DEFAULT_FLUSH_TIMEOUT = 5.0
 MAX_BATCH_BYTES = 256 * 1024
 #: Sends that may go straight to the kernel before one passes through the scheduler.
 SENDS_PER_YIELD = 64
+#: A message of which this many bytes have arrived and at least as many are
+#: missing receives the rest straight into buffers of its own (fewer copies,
+#: fewer and larger recv calls).
+DIRECT_RECEIVE_MIN = 256 * 1024
 
 _DEFAULT_LINES = Lines()
 _DEFAULT_FRAMES = Frames()
@@ -290,20 +294,21 @@ class Connection:
 
     # -------------------------------------------------------------- receiving
 
-    async def _fill(self) -> int:
-        """Read one chunk into the buffer; 0 at end of stream."""
+    async def _fill(self, into: memoryview | None = None) -> int:
+        """Read one chunk into the buffer (or into ``into``); 0 at end of stream."""
         if self._eof:
             return 0
         if self._transport_closed:
             raise self._closed_error()
+        buffer = self._receive_buffer
         try:
             if self._cork is not None:
                 self._uncork()
             if self.idle_timeout is None and self.message_timeout is None:
-                count = await self._transport.receive_into(self._receive_buffer)
+                count = await self._transport.receive_into(buffer, into)
             else:
                 with trio.move_on_at(self._receive_deadline()) as scope:
-                    count = await self._transport.receive_into(self._receive_buffer)
+                    count = await self._transport.receive_into(buffer, into)
                 if scope.cancelled_caught:
                     self._close_now(CloseReason.TIMEOUT)
                     raise self._closed_error()
@@ -325,7 +330,9 @@ class Connection:
             if not self._last_receive:
                 self._last_receive = trio.current_time()
             deadline = self._last_receive + self.idle_timeout
-        if self.message_timeout is not None and self._receive_buffer:
+        if self.message_timeout is not None and (
+            self._receive_buffer or self._message_started is not None
+        ):
             if self._message_started is None:
                 self._message_started = trio.current_time()
             deadline = min(deadline, self._message_started + self.message_timeout)
@@ -338,8 +345,11 @@ class Connection:
         return ConnectionClosed(reason)
 
     async def _receive_message(
-        self, extract: Callable[[ReceiveBuffer], _T | None]
-    ) -> _T:
+        self,
+        extract: Callable[[ReceiveBuffer], _T | None],
+        frames: Frames | None = None,
+        exactly: int = 0,
+    ) -> _T | bytes:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving")
@@ -360,9 +370,72 @@ class Connection:
                     return message
                 if self._eof:
                     raise self._end_of_stream_error()
+                if frames is not None or exactly:
+                    body = self._large_body(frames, exactly)
+                    if body is not None:
+                        return await self._receive_direct(*body)
                 await self._fill()
         finally:
             self._receiving = False
+
+    def _large_body(
+        self, frames: Frames | None, exactly: int
+    ) -> tuple[int, int] | None:
+        """``(header size, body size)`` of a message to receive directly.
+
+        That is a frame (or ``receive_exactly``) of which at least
+        ``DIRECT_RECEIVE_MIN`` bytes have arrived and at least as many are
+        still missing.  Waiting for bytes to arrive first keeps the rule that
+        memory follows what arrived, never what a header announced.
+        """
+        buffer = self._receive_buffer
+        buffered = len(buffer)
+        if buffered < DIRECT_RECEIVE_MIN:
+            return None
+        if frames is None:
+            header, size = 0, exactly
+        else:
+            header = frames.header_size
+            size = buffer.frame_length(header, frames.max_size) or 0
+        if header + size - buffered < DIRECT_RECEIVE_MIN:
+            return None
+        return header, size
+
+    async def _receive_direct(self, header_size: int, size: int) -> bytes:
+        """Receive the rest of a large message's body outside the receive buffer.
+
+        The body is read with ``recv_into`` straight into pieces that double
+        in size, each no larger than what has arrived so far, and joined once
+        at the end.  What arrived goes back to the receive buffer if this is
+        cancelled or fails, so nothing is lost.
+        """
+        buffer = self._receive_buffer
+        header = buffer.extract_exactly(header_size) or b""
+        pieces: list[bytes | bytearray] = [buffer.extract_some(size)]
+        got = len(pieces[0])
+        if self.message_timeout is not None and self._message_started is None:
+            self._message_started = trio.current_time()
+        try:
+            while got < size:
+                piece = bytearray(min(size - got, got))
+                pieces.append(piece)
+                filled = 0
+                while filled < len(piece):
+                    count = await self._fill(memoryview(piece)[filled:])
+                    if count == 0:
+                        break
+                    filled += count
+                    got += count
+                if filled < len(piece):
+                    break  # end of stream
+        except BaseException:
+            buffer.unread(header + b"".join(pieces)[:got])
+            raise
+        if got < size:
+            buffer.unread(header + b"".join(pieces)[:got])
+            raise self._end_of_stream_error()
+        self._message_started = None
+        return b"".join(pieces)
 
     async def receive_line(self) -> bytes:
         """Receive one line, without its delimiter.
@@ -387,7 +460,9 @@ class Connection:
         """
         if n < 0:
             raise ValueError(f"n must be >= 0, not {n}")
-        return await self._receive_message(lambda buffer: buffer.extract_exactly(n))
+        return await self._receive_message(
+            lambda buffer: buffer.extract_exactly(n), exactly=n
+        )
 
     async def receive_frame(self) -> bytes:
         """Receive one length-prefixed frame's payload.
@@ -404,7 +479,7 @@ class Connection:
         framing = (
             self._framing if isinstance(self._framing, Frames) else _DEFAULT_FRAMES
         )
-        return await self._receive_message(framing.extract)
+        return await self._receive_message(framing.extract, framing)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Receive raw bytes: what is buffered first, else one chunk.
@@ -434,9 +509,11 @@ class Connection:
         if ready and not self._transport_closed:
             await trio.lowlevel.checkpoint_if_cancelled()
             return ready.popleft()
-        if self._framing is None:
+        framing = self._framing
+        if framing is None:
             return await self.receive_some()
-        return await self._receive_message(self._extract_batch)
+        frames = framing if isinstance(framing, Frames) else None
+        return await self._receive_message(self._extract_batch, frames)
 
     def _extract_batch(self, buffer: ReceiveBuffer) -> bytes | None:
         framing = self._framing
