@@ -290,6 +290,20 @@ async def test_addresses_over_tcp() -> None:
         assert client.remote_address[0] == "127.0.0.1"
 
 
+@pytest.mark.parametrize("side", ["client", "server"])
+async def test_addresses_are_kept_after_close_even_if_never_read(side: str) -> None:
+    # (Addresses are looked up lazily; closing must not lose them.)
+    async with open_pair("tcp") as (client, server):
+        conn = client if side == "client" else server
+        peer = server if side == "client" else client
+        await conn.aclose()
+        assert conn.close_reason is CloseReason.CLOSED_BY_HOST
+        assert conn.remote_address == peer.local_address
+        assert conn.local_address == peer.remote_address
+        assert conn.local_address is not None
+        assert str(conn.local_address[1]) in repr(peer)
+
+
 async def test_addresses_are_none_off_sockets() -> None:
     async with open_pair("memory") as (client, _server):
         assert client.local_address is None

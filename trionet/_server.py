@@ -95,6 +95,8 @@ _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 _ACCEPT_CLIENT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET}
 #: Seconds to pause accepting after running out of descriptors.
 ACCEPT_BACKOFF = 0.1
+#: The name of every connection task (one string shared by all of them).
+_TASK_NAME = "trionet connection"
 #: Handler exceptions a server remembers for inspection.
 _ERRORS_KEPT = 100
 
@@ -241,10 +243,12 @@ class Server:
         self._handler = handler
         self._options = options
         self._nursery = nursery
-        # Open connections (insertion-ordered), and the cancel scope of every
-        # running handler, open connection or not.
+        # Open connections (insertion-ordered).
         self._connections: dict[Connection, None] = {}
-        self._handler_scopes: set[trio.CancelScope] = set()
+        # Where connection tasks run (a nursery inside ``nursery``, so that
+        # shutdown cancels them all at once, and their writers not at all).
+        self._handlers: trio.Nursery | None = None
+        self._accept_ended = trio.Event()
         self._tasks = 0
         self._all_done = trio.Event()
         self._all_done.set()
@@ -330,6 +334,17 @@ class Server:
 
     # -------------------------------------------------------------- accepting
 
+    async def _host_handlers(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as handlers:
+            self._handlers = handlers
+            task_status.started()
+            # No connection task can start once accepting has ended; until
+            # then keep this nursery open, even while shutdown cancels it.
+            with trio.CancelScope(shield=True):
+                await self._accept_ended.wait()
+
     async def _accept_all(self) -> None:
         try:
             with self._accepting:
@@ -338,6 +353,7 @@ class Server:
                         nursery.start_soon(self._accept_loop, sock)
         finally:
             self._close_listeners()
+            self._accept_ended.set()
 
     def _close_listeners(self) -> None:
         for sock in self._listeners:
@@ -359,7 +375,8 @@ class Server:
                 raise
             self._tasks += 1
             self._all_done = trio.Event() if self._all_done.is_set() else self._all_done
-            self._nursery.start_soon(self._run_connection, sock)
+            assert self._handlers is not None
+            self._handlers.start_soon(self._run_connection, sock, name=_TASK_NAME)
 
     async def _accept(self, listener: socket.socket) -> socket.socket:
         while True:
@@ -433,7 +450,7 @@ class Server:
         )
         conn.idle_timeout = options.idle_timeout
         conn.message_timeout = options.message_timeout
-        conn._on_closed = self._connection_closed
+        conn._on_closed = self
         return conn
 
     def _connection_closed(self, conn: Connection) -> None:
@@ -447,7 +464,8 @@ class Server:
             self._bytes_sent += conn.bytes_sent
 
     async def _run_connection(self, sock: socket.socket) -> None:
-        conn = None
+        # (One coroutine frame for the whole life of a connection: an idle
+        # connection's memory is mostly the frames its task holds.)
         try:
             try:
                 conn = await self._open(sock)
@@ -456,27 +474,15 @@ class Server:
                 logger.debug("connection lost while opening: %r", exc)
                 sock.close()
                 self._closed[CloseReason.ERROR] += 1
-            if conn is not None:
-                await self._serve_connection(conn)
-        finally:
-            if self._slots is not None:
-                self._slots.release()
-            self._tasks -= 1
-            if self._tasks == 0:
-                self._all_done.set()
-
-    async def _serve_connection(self, conn: Connection) -> None:
-        options = self._options
-        scope = trio.CancelScope()
-        self._connections[conn] = None
-        self._handler_scopes.add(scope)
-        self._accepted += 1
-        try:
-            if options.on_connect is not None:
-                await self._call_hook(options.on_connect, conn)
-            with scope:
-                if self._closing:
-                    scope.cancel()
+                return
+            if conn is None:
+                return
+            options = self._options
+            self._connections[conn] = None
+            self._accepted += 1
+            try:
+                if options.on_connect is not None:
+                    await self._call_hook(options.on_connect, conn)
                 try:
                     await self._handler(conn)
                 except (ConnectionClosed, ProtocolError) as exc:
@@ -486,18 +492,25 @@ class Server:
                         self._handler_failed(conn, exc)
                 except Exception as exc:
                     self._handler_failed(conn, exc)
-            reason = (
-                CloseReason.SHUTDOWN
-                if scope.cancelled_caught
-                else CloseReason.CLOSED_BY_HOST
-            )
-            await conn._finish(reason)
+                except BaseException:
+                    if self._closing:
+                        # Shutdown cancelled the handler: still flush what it
+                        # queued (bounded by flush_timeout).
+                        with trio.CancelScope(shield=True):
+                            await conn._finish(CloseReason.SHUTDOWN)
+                    raise
+                await conn._finish(CloseReason.CLOSED_BY_HOST)
+            finally:
+                conn._close_now(CloseReason.SHUTDOWN)  # if the handler was cancelled
+                if options.on_close is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._call_hook(options.on_close, conn)
         finally:
-            self._handler_scopes.discard(scope)
-            conn._close_now(CloseReason.SHUTDOWN)  # if the handler was cancelled
-            if options.on_close is not None:
-                with trio.CancelScope(shield=True):
-                    await self._call_hook(options.on_close, conn)
+            if self._slots is not None:
+                self._slots.release()
+            self._tasks -= 1
+            if self._tasks == 0:
+                self._all_done.set()
 
     def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
         logger.error("handler for %r raised", conn, exc_info=exc)
@@ -530,8 +543,8 @@ class Server:
         self._close_listeners()
         with trio.move_on_after(grace_period):
             await self._all_done.wait()
-        for scope in self._handler_scopes:
-            scope.cancel()
+        if self._handlers is not None:
+            self._handlers.cancel_scope.cancel()
         await self._all_done.wait()
         self._stopped.set()
 
@@ -588,6 +601,7 @@ async def serve_tcp(
             server = Server(listeners, handler, opts, handler_nursery or own_nursery)
             if opts.backplane is not None:
                 await own_nursery.start(opts.backplane.serve, server._deliver_remote)
+            await (handler_nursery or own_nursery).start(server._host_handlers)
             own_nursery.start_soon(server._accept_all)
             task_status.started(server)
             await server._stopped.wait()

@@ -58,18 +58,45 @@ def _scratch_view() -> memoryview:
 class Transport:
     """What a Connection needs from the bytes underneath it."""
 
-    __slots__ = ("local_address", "remote_address")
+    __slots__ = ("_addresses",)
 
-    def __init__(self, local: Address | None, remote: Address | None) -> None:
-        self.local_address = local
-        self.remote_address = remote
+    def __init__(self) -> None:
+        # (local, remote), looked up when first asked for (or at close).
+        self._addresses: tuple[Address | None, Address | None] | None = None
+
+    @property
+    def local_address(self) -> Address | None:
+        return self._get_addresses()[0]
+
+    @property
+    def remote_address(self) -> Address | None:
+        return self._get_addresses()[1]
+
+    def _get_addresses(self) -> tuple[Address | None, Address | None]:
+        addresses = self._addresses
+        if addresses is None:
+            addresses = self._addresses = self._look_up_addresses()
+        return addresses
+
+    def _look_up_addresses(self) -> tuple[Address | None, Address | None]:
+        return None, None
 
     async def receive_into(
-        self, buffer: ReceiveBuffer, into: memoryview | None = None
+        self,
+        buffer: ReceiveBuffer,
+        into: memoryview | None = None,
+        readable: bool = False,
     ) -> int:
         """Wait for bytes and append them to ``buffer`` -- or, given ``into``,
-        write them there instead (at most ``len(into)``); 0 means end of stream."""
+        write them there instead (at most ``len(into)``); 0 means end of stream.
+
+        ``readable``: the caller has just waited for the socket to be readable.
+        """
         raise NotImplementedError
+
+    def wait_first_on(self) -> socket.socket | None:
+        """The socket the next receive would first wait on, if it would."""
+        return None
 
     def send_nowait(self, data: bytes | memoryview) -> int:
         """Send what the kernel takes now, without waiting; return the byte count."""
@@ -92,7 +119,11 @@ class Transport:
         raise NotImplementedError
 
 
-def _addresses(sock: socket.socket | trio.socket.SocketType) -> tuple[Address, Address]:
+def _addresses(
+    sock: socket.socket | trio.socket.SocketType,
+) -> tuple[Address | None, Address | None]:
+    if sock.fileno() < 0:
+        return None, None
     local = sock.getsockname()
     try:
         remote = sock.getpeername()
@@ -115,7 +146,13 @@ class SocketTransport(Transport):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
-        super().__init__(*_addresses(sock))
+        super().__init__()
+
+    def _look_up_addresses(self) -> tuple[Address | None, Address | None]:
+        return _addresses(self._sock)
+
+    def wait_first_on(self) -> socket.socket | None:
+        return self._sock if self._wait_first else None
 
     @classmethod
     def from_trio_socket(cls, sock: trio.socket.SocketType) -> SocketTransport:
@@ -124,12 +161,15 @@ class SocketTransport(Transport):
         return cls(socket.socket(family, type_, proto, fileno=sock.detach()))
 
     async def receive_into(
-        self, buffer: ReceiveBuffer, into: memoryview | None = None
+        self,
+        buffer: ReceiveBuffer,
+        into: memoryview | None = None,
+        readable: bool = False,
     ) -> int:
         sock = self._sock
         view = _scratch_view() if into is None else into
-        waited = self._wait_first
-        if waited:
+        waited = readable or self._wait_first
+        if waited and not readable:
             await trio.lowlevel.wait_readable(sock)
         while True:
             try:
@@ -174,6 +214,7 @@ class SocketTransport(Transport):
 
     def close(self) -> bool:
         if self._sock.fileno() >= 0:
+            self._get_addresses()  # still known after the close
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
         return True
@@ -207,16 +248,21 @@ class StreamTransport(Transport):
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
-        sock = _find_socket(stream)
-        local, remote = _addresses(sock) if sock is not None else (None, None)
-        super().__init__(local, remote)
+        super().__init__()
+
+    def _look_up_addresses(self) -> tuple[Address | None, Address | None]:
+        sock = _find_socket(self._stream)
+        return (None, None) if sock is None else _addresses(sock)
 
     @property
     def stream(self) -> trio.abc.Stream:
         return self._stream
 
     async def receive_into(
-        self, buffer: ReceiveBuffer, into: memoryview | None = None
+        self,
+        buffer: ReceiveBuffer,
+        into: memoryview | None = None,
+        readable: bool = False,
     ) -> int:
         if into is None:
             data = await self._stream.receive_some(RECEIVE_SIZE)
@@ -239,10 +285,12 @@ class StreamTransport(Transport):
         await stream.send_eof()
 
     def close(self) -> bool:
+        self._get_addresses()  # still known after the close
         return _close_sync(self._stream)
 
     async def aclose(self) -> None:
         # A graceful close (TLS sends close_notify); forceful if cancelled.
+        self._get_addresses()
         await self._stream.aclose()
 
 
