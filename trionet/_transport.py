@@ -6,11 +6,14 @@ trio's own ``SocketStream`` passes through the scheduler on every
 ``receive_some`` and ``send_all``, even when the socket was ready.  For plain
 TCP, :class:`SocketTransport` drives a non-blocking stdlib socket itself:
 
-* a receive tries ``recv_into`` first and only waits
-  (:func:`trio.lowlevel.wait_readable`) when the kernel has nothing; when it
-  did not have to wait it still yields once, so one busy connection cannot
-  starve the others -- one scheduler pass per received *chunk*, not per
-  message;
+* a receive first passes through the scheduler once (so one busy
+  connection cannot starve the others -- one pass per received *chunk*, not
+  per message), then tries ``recv_into``, and only waits
+  (:func:`trio.lowlevel.wait_readable`) when the kernel has nothing.  Letting
+  the other tasks run first is what makes a loaded server cheap: by the time
+  the ``recv`` comes, the peer's next request has usually arrived, and a
+  ``recv`` that succeeds costs one system call where a wait costs two
+  (trio re-arms the socket's epoll registration for every wait);
 * a send tries ``send`` first, synchronously, and only waits
   (:func:`trio.lowlevel.wait_writable`) for what the kernel did not take.
 
@@ -82,21 +85,23 @@ class Transport:
         return None, None
 
     async def receive_into(
-        self,
-        buffer: ReceiveBuffer,
-        into: memoryview | None = None,
-        readable: bool = False,
+        self, buffer: ReceiveBuffer, into: memoryview | None = None
     ) -> int:
         """Wait for bytes and append them to ``buffer`` -- or, given ``into``,
-        write them there instead (at most ``len(into)``); 0 means end of stream.
-
-        ``readable``: the caller has just waited for the socket to be readable.
-        """
+        write them there instead (at most ``len(into)``); 0 means end of stream."""
         raise NotImplementedError
 
-    def wait_first_on(self) -> socket.socket | None:
-        """The socket the next receive would first wait on, if it would."""
+    @property
+    def fast_socket(self) -> socket.socket | None:
+        """The non-blocking socket underneath, for :meth:`receive_nowait`
+        (None: only :meth:`receive_into` works)."""
         return None
+
+    def receive_nowait(
+        self, buffer: ReceiveBuffer, into: memoryview | None = None
+    ) -> int | None:
+        """:meth:`receive_into` without waiting: None if nothing has arrived."""
+        raise NotImplementedError
 
     def send_nowait(self, data: bytes | memoryview) -> int:
         """Send what the kernel takes now, without waiting; return the byte count."""
@@ -135,13 +140,9 @@ def _addresses(
 class SocketTransport(Transport):
     """A non-blocking stdlib socket driven with trio's I/O waits."""
 
-    __slots__ = ("_sock", "_wait_first")
+    __slots__ = ("_sock",)
 
     def __init__(self, sock: socket.socket) -> None:
-        # True when the last receive got less than it asked for: the kernel's
-        # buffer is then most likely empty, so wait before the next recv
-        # instead of paying for a recv that fails with EAGAIN.
-        self._wait_first = False
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -151,8 +152,9 @@ class SocketTransport(Transport):
     def _look_up_addresses(self) -> tuple[Address | None, Address | None]:
         return _addresses(self._sock)
 
-    def wait_first_on(self) -> socket.socket | None:
-        return self._sock if self._wait_first else None
+    @property
+    def fast_socket(self) -> socket.socket | None:
+        return self._sock
 
     @classmethod
     def from_trio_socket(cls, sock: trio.socket.SocketType) -> SocketTransport:
@@ -160,34 +162,26 @@ class SocketTransport(Transport):
         family, type_, proto = sock.family, sock.type, sock.proto
         return cls(socket.socket(family, type_, proto, fileno=sock.detach()))
 
-    async def receive_into(
-        self,
-        buffer: ReceiveBuffer,
-        into: memoryview | None = None,
-        readable: bool = False,
-    ) -> int:
-        sock = self._sock
+    def receive_nowait(
+        self, buffer: ReceiveBuffer, into: memoryview | None = None
+    ) -> int | None:
         view = _scratch_view() if into is None else into
-        waited = readable or self._wait_first
-        if waited and not readable:
-            await trio.lowlevel.wait_readable(sock)
-        while True:
-            try:
-                count = sock.recv_into(view)
-                break
-            except BlockingIOError:
-                pass
-            # (Waiting outside the except block: an idle connection then
-            # keeps no exception and traceback alive.)
-            await trio.lowlevel.wait_readable(sock)
-            waited = True
+        try:
+            count = self._sock.recv_into(view)
+        except BlockingIOError:
+            return None
         if into is None:
             buffer.feed(view[:count])
-        self._wait_first = count < len(view)
-        if not waited:
-            # The kernel had bytes ready: still pass through the scheduler
-            # once per chunk, so that a busy connection cannot starve others.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        return count
+
+    async def receive_into(
+        self, buffer: ReceiveBuffer, into: memoryview | None = None
+    ) -> int:
+        # Let the other tasks run first: the peer's next bytes often arrive
+        # meanwhile, and a recv that succeeds costs less than a wait.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        while (count := self.receive_nowait(buffer, into)) is None:
+            await trio.lowlevel.wait_readable(self._sock)
         return count
 
     def send_nowait(self, data: bytes | memoryview) -> int:
@@ -259,10 +253,7 @@ class StreamTransport(Transport):
         return self._stream
 
     async def receive_into(
-        self,
-        buffer: ReceiveBuffer,
-        into: memoryview | None = None,
-        readable: bool = False,
+        self, buffer: ReceiveBuffer, into: memoryview | None = None
     ) -> int:
         if into is None:
             data = await self._stream.receive_some(RECEIVE_SIZE)
