@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from functools import partial
 
 import pytest
 import trio
@@ -235,3 +236,46 @@ async def test_protocol_error_escaping_a_handler_is_no_handler_failure(
         assert server.stats.closed == {CloseReason.PROTOCOL_ERROR: 1}
         assert server.handler_errors == []
     assert "raised" not in caplog.text
+
+
+async def test_handler_nursery_hosts_the_connection_tasks() -> None:
+    reasons: list[CloseReason | None] = []
+    running = trio.Event()
+
+    async def handler(conn: trionet.Connection) -> None:
+        running.set()
+        await trio.sleep_forever()
+
+    def on_close(conn: trionet.Connection) -> None:
+        reasons.append(conn.close_reason)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(
+                    partial(
+                        trionet.serve_tcp,
+                        handler,
+                        0,
+                        host="127.0.0.1",
+                        handler_nursery=handlers,
+                        grace_period=0,
+                        on_close=on_close,
+                    )
+                )
+                async with trionet.connect_tcp("127.0.0.1", server.port) as conn:
+                    await running.wait()
+                    # The connection task lives under the given nursery.
+                    names = [
+                        task.name
+                        for host in handlers.child_tasks
+                        for inner in host.child_nurseries
+                        for task in inner.child_tasks
+                    ]
+                    assert names == ["trionet connection"]
+                    await server.aclose()
+                    assert await conn.receive_some() == b""
+                    assert conn.close_reason is CloseReason.CLOSED_BY_PEER
+            # Nothing of the server is left in ``handlers``: it can end.
+            assert not handlers.child_tasks
+    assert reasons == [CloseReason.SHUTDOWN]

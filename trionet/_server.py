@@ -574,8 +574,9 @@ async def serve_tcp(
         port: TCP port; 0 picks a free one, shared by every listen address.
         host: address or name to listen on, or a sequence of them; None
             listens on every interface (IPv4 and IPv6).
-        handler_nursery: run connection tasks here instead of in a nursery of
-            the server's own.
+        handler_nursery: run connection tasks inside this nursery instead of
+            the server's own (in one inner nursery that the server's shutdown
+            cancels after the grace period).
         **options: see :class:`ServerOptions` (framing, ssl_context, backlog,
             accept, max_connections, idle_timeout, message_timeout,
             send_queue_size, grace_period, flush_timeout, handshake_timeout,
