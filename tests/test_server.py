@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import sys
 from functools import partial
@@ -136,6 +138,9 @@ async def test_connect_refused_is_a_connect_error() -> None:
     assert info.value.reason is CloseReason.ERROR
     assert isinstance(info.value.__cause__, OSError)
     assert isinstance(info.value, OSError)
+    # The operating system's reason, not only "all attempts failed".
+    refused = os.strerror(errno.ECONNREFUSED)
+    assert str(info.value) == f"cannot connect to 127.0.0.1:{port}: {refused}"
 
 
 async def test_connect_timeout(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
+import sys
 from collections.abc import Generator
 from types import TracebackType
 from typing import Any
@@ -14,7 +17,36 @@ from ._connection import Connection
 from ._exceptions import CloseReason, ConnectError
 from ._transport import SocketTransport
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
 __all__ = ["connect_tcp"]
+
+
+def _why(exc: OSError) -> str:
+    """The operating system's reasons a connect failed, e.g. "Connection refused".
+
+    trio reports "all attempts ... failed" and keeps each attempt's error in
+    an exception group behind it; the reasons are in those.
+    """
+    reasons: list[str] = []
+    pending: list[BaseException] = [exc]
+    if exc.__cause__ is not None:
+        pending.append(exc.__cause__)
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        elif isinstance(error, OSError) and error.errno is not None:
+            # (A resolver error's errno is no OS error number.)
+            reason = (
+                str(error.strerror)
+                if isinstance(error, socket.gaierror)
+                else os.strerror(error.errno)
+            )
+            if reason not in reasons:
+                reasons.append(reason)
+    return "; ".join(reasons) if reasons else str(exc)
 
 
 async def _connect(
@@ -31,7 +63,7 @@ async def _connect(
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             raise ConnectError(
-                CloseReason.ERROR, f"cannot connect to {where}: {exc}"
+                CloseReason.ERROR, f"cannot connect to {where}: {_why(exc)}"
             ) from exc
         if ssl_context is None:
             return Connection._over(

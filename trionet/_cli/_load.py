@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import socket
 import sys
 from collections import Counter, deque
@@ -54,7 +53,7 @@ from ._common import (
 from ._histogram import LogLinearHistogram
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+    pass
 from ._output import Progress, open_progress, print_table
 
 __all__ = ["LoadResult", "LoadSpec", "add_parser", "run", "run_load", "validate"]
@@ -585,38 +584,14 @@ async def _probe_udp(spec: LoadSpec, endpoint: trionet.Datagram) -> None:
 Opened = trionet.Connection | trionet.Datagram
 
 
-def _with_causes(error: OSError) -> str:
-    """``error``'s message, plus the operating system's reasons behind it.
-
-    A failed connect names the address; the reason ("Connection refused")
-    sits in the exceptions it was raised from.
-    """
-    reasons: list[str] = []
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error.__cause__]
-    while pending:
-        cause = pending.pop(0)
-        if cause is None or id(cause) in seen:
-            continue
-        seen.add(id(cause))
-        if isinstance(cause, BaseExceptionGroup):
-            pending += cause.exceptions
-        elif isinstance(cause, OSError) and cause.errno:
-            reason = os.strerror(cause.errno)
-            if reason not in reasons:
-                reasons.append(reason)
-        pending.append(cause.__cause__)
-    return f"{error} ({', '.join(reasons)})" if reasons else str(error)
-
-
 async def _open_all(spec: LoadSpec, run: _Run, stack: AsyncExitStack) -> list[Opened]:
     """Open every connection; the first failing is fatal, later ones count."""
     opener: Callable[[LoadSpec, AsyncExitStack], Awaitable[Opened]]
     opener = _open_udp if spec.udp else _connect_tcp
     try:
         first = await opener(spec, stack)
-    except OSError as exc:  # ConnectError, or binding a UDP socket failed
-        raise CliError(_with_causes(exc)) from exc
+    except OSError as exc:  # ConnectError (it names the OS's reason), or a UDP bind
+        raise CliError(str(exc)) from exc
     if isinstance(first, trionet.Datagram):
         await _probe_udp(spec, first)
     opened: list[Opened] = [first]
