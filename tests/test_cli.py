@@ -625,11 +625,13 @@ async def test_load_detects_reordered_echoes() -> None:
     assert load_json(result)["errors"] == {"mismatch": 1}
 
 
-async def test_load_per_message_timeout() -> None:
-    async def silent(conn: trionet.Connection) -> None:
-        async for _ in conn:
-            pass
+async def silent(conn: trionet.Connection) -> None:
+    """A server handler that reads every message and answers none."""
+    async for _ in conn:
+        pass
 
+
+async def test_load_per_message_timeout() -> None:
     async with trionet.open_tcp_server(silent, framing=trionet.Lines()) as server:
         result = await run_async(
             "load",
@@ -649,10 +651,6 @@ async def test_load_per_message_timeout() -> None:
 
 
 async def test_load_hard_time_limit_ends_a_stuck_run() -> None:
-    async def silent(conn: trionet.Connection) -> None:
-        async for _ in conn:
-            pass
-
     async with trionet.open_tcp_server(silent, framing=trionet.Lines()) as server:
         result = await run_async(
             "load",
