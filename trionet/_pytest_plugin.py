@@ -63,11 +63,6 @@ def _describe(handler: object) -> str:
     return f"{name}()" if isinstance(name, str) else repr(handler)
 
 
-def _where(address: tuple[Any, ...]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
 @dataclasses.dataclass
 class _Started:
     """One server a fixture started."""
@@ -82,8 +77,9 @@ class _Started:
     def failure(self) -> str | None:
         """What to tell the user if exceptions escaped the handler, else None."""
         import trionet
+        from trionet._util import format_address
 
-        where = _where(self.server.addresses[0])
+        where = format_address(self.server.addresses[0])
         if isinstance(self.server, trionet.Server):
             errors = self.server.handler_errors
             what, unit, count = f"TCP server on {where}", "connection", len(errors)

@@ -52,6 +52,7 @@ from ._exceptions import (
     TrionetError,
 )
 from ._listeners import bind_sockets, reuse_port_option
+from ._util import format_address as _format_address
 from ._util import unwrap_single_exception
 
 __all__ = [
@@ -1052,13 +1053,6 @@ def _translate(exc: OSError, action: str, address: Address | None) -> DatagramEr
     elif exc.errno == errno.EMSGSIZE:
         detail += "; the datagram is larger than the path allows"
     return DatagramError(exc.errno, f"UDP {action} failed{where}: {detail}", address)
-
-
-def _format_address(address: Address) -> str:
-    host, port = address[0], address[1]
-    if isinstance(host, str) and ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 for _cls in (

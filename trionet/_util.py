@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["call_maybe_async", "unwrap_single_exception"]
+__all__ = ["call_maybe_async", "format_address", "unwrap_single_exception"]
 
 _T = TypeVar("_T")
 
@@ -22,6 +22,19 @@ async def call_maybe_async(fn: Callable[..., _T | Awaitable[_T]], *args: object)
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+def format_address(address: Sequence[Any] | None) -> str:
+    """``host:port`` for a socket address, IPv6 hosts in brackets (``[::1]:80``);
+    ``"?"`` for None.  The one way trionet prints an address."""
+    if address is None:
+        return "?"
+    if isinstance(address, str):  # a UNIX socket path
+        return address
+    host, port = address[0], address[1]
+    if isinstance(host, str) and ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
 
 
 @contextmanager

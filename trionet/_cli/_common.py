@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
+
+from .._util import format_address as format_address
 
 __all__ = [
     "EXIT_RUNTIME",
@@ -56,16 +57,6 @@ class Parser(argparse.ArgumentParser):
 def say(message: str) -> None:
     """Write one line to stderr at once (diagnostics, never results)."""
     print(message, file=sys.stderr, flush=True)
-
-
-def format_address(address: Sequence[Any] | None) -> str:
-    """``host:port``, with IPv6 hosts in brackets."""
-    if address is None:
-        return "?"
-    host, port = address[0], address[1]
-    if isinstance(host, str) and ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 def parse_port(text: str) -> int:
