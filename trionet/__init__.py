@@ -42,3 +42,7 @@ from ._workers import Worker as Worker
 from ._workers import run_workers as run_workers
 
 __version__ = "0.1.0.dev0"
+
+from ._util import set_public_module as _set_public_module
+
+_set_public_module(globals(), "trionet")

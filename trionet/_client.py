@@ -157,6 +157,3 @@ class connect_tcp:
     ) -> None:
         assert self._conn is not None
         await self._conn.aclose()
-
-
-connect_tcp.__module__ = "trionet"

@@ -939,6 +939,3 @@ def connection_over_socket(
 ) -> Connection:
     """A client Connection over a connected trio socket, on the fast path."""
     return Connection._over(SocketTransport.from_trio_socket(sock), framing)
-
-
-Connection.__module__ = "trionet"

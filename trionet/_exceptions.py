@@ -59,9 +59,6 @@ class CloseReason(enum.Enum):
         return f"CloseReason.{self.name}"
 
 
-CloseReason.__module__ = "trionet"
-
-
 class TrionetError(Exception):
     """Base class of every error trionet raises itself."""
 
@@ -127,16 +124,3 @@ class ConnectError(TrionetError, OSError):
     def __init__(self, reason: CloseReason, message: str) -> None:
         self.reason = reason
         super().__init__(message)
-
-
-for _cls in (
-    TrionetError,
-    ConnectionClosed,
-    IncompleteMessage,
-    ProtocolError,
-    LineTooLong,
-    FrameTooLarge,
-    MessageTooLarge,
-    ConnectError,
-):
-    _cls.__module__ = "trionet"

@@ -36,7 +36,7 @@ import ssl
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypedDict
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypedDict
 
 import attrs
 import trio
@@ -45,6 +45,7 @@ from ._codec import Framing, as_bytes
 from ._connection import DEFAULT_FLUSH_TIMEOUT, DEFAULT_SEND_QUEUE_SIZE, Connection
 from ._exceptions import CloseReason, ConnectionClosed, ProtocolError
 from ._listeners import open_listeners
+from ._options import non_negative, positive_int, positive_or_none
 from ._transport import Address, SocketTransport, StreamTransport
 from ._util import call_maybe_async, unwrap_single_exception
 
@@ -101,21 +102,6 @@ _TASK_NAME = "trionet connection"
 _ERRORS_KEPT = 100
 
 
-def _optional_positive(name: str) -> Callable[[Any, Any, Any], None]:
-    def check(instance: object, attribute: object, value: float | None) -> None:
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} must be > 0 or None, not {value!r}")
-
-    return check
-
-
-def _non_negative(
-    instance: object, attribute: attrs.Attribute[float], value: float
-) -> None:
-    if not value >= 0:
-        raise ValueError(f"{attribute.name} must be >= 0, not {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class ServerOptions:
     """Everything a TCP server can be configured with.
@@ -135,31 +121,25 @@ class ServerOptions:
     #: Called with the client's address; a false result refuses the client.
     accept: AcceptFilter | None = None
     #: The most connections served at once; at the limit the server stops accepting.
-    max_connections: int | None = attrs.field(
-        default=None, validator=_optional_positive("max_connections")
-    )
+    max_connections: int | None = attrs.field(default=None, validator=positive_or_none)
     #: Close a connection that received nothing for this many seconds (TIMEOUT).
-    idle_timeout: float | None = attrs.field(
-        default=None, validator=_optional_positive("idle_timeout")
-    )
+    idle_timeout: float | None = attrs.field(default=None, validator=positive_or_none)
     #: Close a connection that takes longer than this to complete one message (TIMEOUT).
     message_timeout: float | None = attrs.field(
-        default=None, validator=_optional_positive("message_timeout")
+        default=None, validator=positive_or_none
     )
     #: Messages each connection's outgoing queue holds.
     send_queue_size: int = attrs.field(
-        default=DEFAULT_SEND_QUEUE_SIZE, validator=_optional_positive("send_queue_size")
+        default=DEFAULT_SEND_QUEUE_SIZE, validator=positive_int
     )
     #: Seconds handlers get to finish when the server shuts down.
-    grace_period: float = attrs.field(default=5.0, validator=_non_negative)
+    grace_period: float = attrs.field(default=5.0, validator=non_negative)
     #: Seconds a closing connection may spend flushing its queue.
     flush_timeout: float = attrs.field(
-        default=DEFAULT_FLUSH_TIMEOUT, validator=_non_negative
+        default=DEFAULT_FLUSH_TIMEOUT, validator=non_negative
     )
     #: Seconds allowed for a TLS handshake (TIMEOUT after that).
-    handshake_timeout: float = attrs.field(
-        default=10.0, validator=_optional_positive("handshake_timeout")
-    )
+    handshake_timeout: float = attrs.field(default=10.0, validator=positive_or_none)
     #: Called with each admitted connection before its handler runs.
     on_connect: Hook | None = None
     #: Called with each admitted connection once it is closed (close_reason set).
@@ -168,13 +148,9 @@ class ServerOptions:
     reuse_port: bool = False
     #: Kernel send buffer (SO_SNDBUF) of every connection; None keeps the
     #: kernel's autotuning.  Smaller bounds memory and finds slow consumers sooner.
-    so_sndbuf: int | None = attrs.field(
-        default=None, validator=_optional_positive("so_sndbuf")
-    )
+    so_sndbuf: int | None = attrs.field(default=None, validator=positive_or_none)
     #: Kernel receive buffer (SO_RCVBUF) of every connection; None: autotuned.
-    so_rcvbuf: int | None = attrs.field(
-        default=None, validator=_optional_positive("so_rcvbuf")
-    )
+    so_rcvbuf: int | None = attrs.field(default=None, validator=positive_or_none)
     #: Make :meth:`Server.broadcast` reach the clients of every server on the
     #: same backplane (other processes and hosts), for example a
     #: :class:`trionet.channels.RedisBackplane`.  See :doc:`/scaling`.
@@ -657,7 +633,3 @@ async def _serve_with_options(
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await serve_tcp(handler, port, host=host, task_status=task_status, **options)
-
-
-for _obj in (Server, ServerOptions, ServerStats, serve_tcp, open_tcp_server):
-    _obj.__module__ = "trionet"

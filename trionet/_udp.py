@@ -1053,16 +1053,3 @@ def _translate(exc: OSError, action: str, address: Address | None) -> DatagramEr
     elif exc.errno == errno.EMSGSIZE:
         detail += "; the datagram is larger than the path allows"
     return DatagramError(exc.errno, f"UDP {action} failed{where}: {detail}", address)
-
-
-for _cls in (
-    Datagram,
-    DatagramError,
-    DatagramTooLarge,
-    UdpPeer,
-    UdpServer,
-    UdpServerStats,
-):
-    _cls.__module__ = "trionet"
-for _fn in (open_udp, open_udp_server, serve_udp):
-    _fn.__module__ = "trionet"

@@ -11,7 +11,12 @@ from typing import Any, TypeVar
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["call_maybe_async", "format_address", "unwrap_single_exception"]
+__all__ = [
+    "call_maybe_async",
+    "format_address",
+    "set_public_module",
+    "unwrap_single_exception",
+]
 
 _T = TypeVar("_T")
 
@@ -63,3 +68,18 @@ def unwrap_single_exception() -> Iterator[None]:
             exc.__cause__, exc.__context__ = cause, context
             exc.__suppress_context__ = suppress
             del exc, group
+
+
+def set_public_module(namespace: dict[str, Any], package: str) -> None:
+    """Give every public class and function a package re-exports the package's
+    name as ``__module__`` (``trionet.Server``, not ``trionet._server.Server``),
+    for docs, reprs and pickling.  Called once at the end of each package's
+    ``__init__``."""
+    for name, obj in namespace.items():
+        module = getattr(obj, "__module__", None)
+        if (
+            not name.startswith("_")
+            and isinstance(module, str)
+            and module.startswith(package + "._")
+        ):
+            obj.__module__ = package

@@ -586,7 +586,3 @@ async def _send_reports(worker: Worker, control: Connection) -> None:
         line, worker._pending = worker._pending, None
         if line is not None:
             await _send_command(control, line)
-
-
-for _obj in (Worker, run_workers):
-    _obj.__module__ = "trionet"

@@ -88,6 +88,3 @@ class Decoder:
         self._guard()
         if self._buffer:
             raise IncompleteMessage(CloseReason.CLOSED_BY_PEER, self._buffer.peek())
-
-
-Decoder.__module__ = "trionet"

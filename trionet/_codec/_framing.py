@@ -161,6 +161,3 @@ class Frames:
 
 #: A framing configuration: :class:`Lines` or :class:`Frames`.
 Framing: TypeAlias = Lines | Frames
-
-for _cls in (Lines, Frames):
-    _cls.__module__ = "trionet"

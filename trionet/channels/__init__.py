@@ -9,6 +9,7 @@ format and the delivery rules.
 .. versionadded:: 0.1
 """
 
+from .._util import set_public_module as _set_public_module
 from ._connection import ChannelConnection as ChannelConnection
 from ._connection import ChannelStatistics as ChannelStatistics
 from ._connection import Policy as Policy
@@ -20,3 +21,5 @@ from ._server import open_channel_server as open_channel_server
 from ._server import serve_channels as serve_channels
 from ._wire import MAX_NAME_LENGTH as MAX_NAME_LENGTH
 from ._wire import VERSION as VERSION
+
+_set_public_module(globals(), "trionet.channels")

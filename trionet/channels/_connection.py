@@ -682,7 +682,3 @@ class ChannelConnection:
         assert session is not None, "__aexit__ without __aenter__"
         self._session = None
         return await session.__aexit__(exc_type, exc_value, traceback)
-
-
-for _obj in (ChannelConnection, ChannelStatistics):
-    _obj.__module__ = "trionet.channels"

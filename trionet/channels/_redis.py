@@ -597,7 +597,3 @@ def _describe(exc: BaseException | None) -> str:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
-
-
-for _obj in (BackplaneStats, RedisBackplane):
-    _obj.__module__ = "trionet.channels"

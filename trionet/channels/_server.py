@@ -331,7 +331,3 @@ async def connect_channels(
     cc = ChannelConnection._create(conn, settings)
     async with cc._running(close=True):
         yield cc
-
-
-for _obj in (ChannelServer, serve_channels, open_channel_server, connect_channels):
-    _obj.__module__ = "trionet.channels"

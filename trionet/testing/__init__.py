@@ -3,8 +3,11 @@
 .. versionadded:: 0.1
 """
 
+from .._util import set_public_module as _set_public_module
 from ._faults import ChunkedStream as ChunkedStream
 from ._faults import DelayedStream as DelayedStream
 from ._faults import ResetAfter as ResetAfter
 from ._faults import StallAfter as StallAfter
 from ._pairs import connection_pair as connection_pair
+
+_set_public_module(globals(), "trionet.testing")

@@ -503,8 +503,3 @@ class StallAfter(_FaultStream):
         if self._send_left == 0:
             await self._wait_closed()
         await super()._send_eof()
-
-
-for _cls in (ChunkedStream, DelayedStream, ResetAfter, StallAfter):
-    _cls.__module__ = "trionet.testing"
-del _cls

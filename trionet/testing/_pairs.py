@@ -119,6 +119,3 @@ async def _close_both(first: Connection, second: Connection) -> None:
         await first.aclose()
     finally:
         await second.aclose()
-
-
-connection_pair.__module__ = "trionet.testing"
