@@ -47,7 +47,7 @@ from ._exceptions import CloseReason, ConnectionClosed, ProtocolError
 from ._listeners import open_listeners
 from ._options import non_negative, positive_int, positive_or_none
 from ._transport import Address, SocketTransport, StreamTransport
-from ._util import call_maybe_async, unwrap_single_exception
+from ._util import call_maybe_async, server_in_block
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -614,22 +614,7 @@ async def open_tcp_server(
 
     .. versionadded:: 0.1
     """
-    with unwrap_single_exception():
-        async with trio.open_nursery() as nursery:
-            server: Server = await nursery.start(
-                _serve_with_options, handler, port, host, options
-            )
-            try:
-                yield server
-            finally:
-                await server.aclose()
-
-
-async def _serve_with_options(
-    handler: Handler,
-    port: int,
-    host: str | Sequence[str] | None,
-    options: _OptionsDict,
-    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await serve_tcp(handler, port, host=host, task_status=task_status, **options)
+    async with server_in_block(
+        serve_tcp, handler, port, host=host, **options
+    ) as server:
+        yield server

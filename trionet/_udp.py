@@ -37,7 +37,6 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any, TypeAlias, final
 
 import attrs
@@ -53,7 +52,7 @@ from ._exceptions import (
 )
 from ._listeners import bind_sockets, reuse_port_option
 from ._util import format_address as _format_address
-from ._util import unwrap_single_exception
+from ._util import server_in_block
 
 __all__ = [
     "Datagram",
@@ -943,25 +942,18 @@ async def open_udp_server(
     .. versionadded:: 0.1
     """
     _check_server_options(port, idle_timeout, queue_size, max_peers, max_size)
-    with unwrap_single_exception():
-        async with trio.open_nursery() as nursery:
-            server: UdpServer = await nursery.start(
-                partial(
-                    serve_udp,
-                    handler,
-                    port,
-                    host=host,
-                    idle_timeout=idle_timeout,
-                    queue_size=queue_size,
-                    max_peers=max_peers,
-                    max_size=max_size,
-                    reuse_port=reuse_port,
-                )
-            )
-            try:
-                yield server
-            finally:
-                server._shutdown()
+    async with server_in_block(
+        serve_udp,
+        handler,
+        port,
+        host=host,
+        idle_timeout=idle_timeout,
+        queue_size=queue_size,
+        max_peers=max_peers,
+        max_size=max_size,
+        reuse_port=reuse_port,
+    ) as server:
+        yield server
 
 
 async def _bind_server_sockets(

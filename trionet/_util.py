@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+import trio
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -14,11 +17,16 @@ if sys.version_info < (3, 11):  # pragma: no cover
 __all__ = [
     "call_maybe_async",
     "format_address",
+    "server_in_block",
     "set_public_module",
     "unwrap_single_exception",
 ]
 
 _T = TypeVar("_T")
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
 
 
 async def call_maybe_async(fn: Callable[..., _T | Awaitable[_T]], *args: object) -> _T:
@@ -83,3 +91,20 @@ def set_public_module(namespace: dict[str, Any], package: str) -> None:
             and module.startswith(package + "._")
         ):
             obj.__module__ = package
+
+
+@asynccontextmanager
+async def server_in_block(
+    serve: Callable[..., Awaitable[object]], *args: object, **kwargs: object
+) -> AsyncIterator[Any]:
+    """The body of every ``open_*_server``: start ``serve(*args, **kwargs)``
+    with ``nursery.start``, yield the server it reports, shut it down
+    gracefully when the block ends, and let an exception raised in the block
+    reach the caller as itself (not in a one-exception group)."""
+    with unwrap_single_exception():
+        async with trio.open_nursery() as nursery:
+            server: _Closable = await nursery.start(partial(serve, *args, **kwargs))
+            try:
+                yield server
+            finally:
+                await server.aclose()

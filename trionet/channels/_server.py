@@ -32,7 +32,7 @@ from .._client import connect_tcp
 from .._connection import Connection
 from .._server import Server, ServerStats, _TransportOptionsDict, serve_tcp
 from .._transport import Address
-from .._util import unwrap_single_exception
+from .._util import server_in_block
 from ._connection import (
     DEFAULT_CHANNEL_BUFFER,
     DEFAULT_MAX_CHANNELS,
@@ -251,27 +251,18 @@ async def open_channel_server(
 
     .. versionadded:: 0.1
     """
-    with unwrap_single_exception():
-        async with trio.open_nursery() as nursery:
-
-            async def run(task_status: trio.TaskStatus[ChannelServer]) -> None:
-                await serve_channels(
-                    handler,
-                    port,
-                    host=host,
-                    max_size=max_size,
-                    channel_buffer=channel_buffer,
-                    policy=policy,
-                    max_channels=max_channels,
-                    task_status=task_status,
-                    **options,
-                )
-
-            server: ChannelServer = await nursery.start(run)
-            try:
-                yield server
-            finally:
-                await server.aclose()
+    async with server_in_block(
+        serve_channels,
+        handler,
+        port,
+        host=host,
+        max_size=max_size,
+        channel_buffer=channel_buffer,
+        policy=policy,
+        max_channels=max_channels,
+        **options,
+    ) as server:
+        yield server
 
 
 @asynccontextmanager
