@@ -116,6 +116,10 @@ async def test_closing_one_side() -> None:
         assert client.close_reason is trionet.CloseReason.CLOSED_BY_HOST
         with pytest.raises(trionet.ConnectionClosed):
             await server_side.receive()
+        # The peer finished sending; this side is still open until it closes.
+        assert server_side.eof_received
+        assert server_side.close_reason is None
+        await server_side.aclose()
         assert server_side.close_reason is trionet.CloseReason.CLOSED_BY_PEER
 
 

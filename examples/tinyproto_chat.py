@@ -109,6 +109,8 @@ class Client:
         async for message in self.conn:
             print(f"{self.name:>6} got   {message.decode()!r}")
             self.transcript.append(message.decode())
+        # The server finished sending; closing our side completes the close.
+        await self.conn.aclose()
         print(f"{self.name:>6} connection ended: {self.conn.close_reason}")
 
 

@@ -12,8 +12,8 @@ import trio.testing
 import trustme
 
 import trionet
+import trionet.testing
 from trionet._connection import Connection
-from trionet._transport import StreamTransport
 
 #: The kinds of connected pair every Connection test runs over:
 #: "tcp" -- a real loopback TCP client and a server-owned connection;
@@ -58,12 +58,8 @@ async def open_pair(
         yield Connection(left, framing=framing), Connection(right, framing=framing)
         return
     assert kind == "memory-queued"
-    async with trio.open_nursery() as nursery:
-        server_side = Connection._over(
-            StreamTransport(right), framing, writer_nursery=nursery
-        )
-        yield Connection(left, framing=framing), server_side
-        await server_side.aclose()
+    async with trionet.testing.connection_pair(framing, queued=True) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ import trio.testing
 
 import trionet
 from trionet import CloseReason, ConnectionClosed, IncompleteMessage
-from trionet._connection import DIRECT_RECEIVE_MIN, Connection
+from trionet._connection import Connection
+from trionet._receive_direct import DIRECT_RECEIVE_MIN
 
 from .conftest import open_pair
 
@@ -57,6 +58,10 @@ async def test_framing_drives_receive_send_and_iteration(pair_kind: str) -> None
         await client.send_eof() if pair_kind == "tcp" else await client.aclose()
         received = [message async for message in server]
         assert received == messages
+        # Only the receiving side has finished: the connection is still open.
+        assert server.eof_received
+        assert server.close_reason is None
+        await server.aclose()
         assert server.close_reason is CloseReason.CLOSED_BY_PEER
 
 
@@ -148,6 +153,9 @@ async def test_stream_ending_inside_a_message(pair_kind: str, mode: str) -> None
         assert info.value.reason is CloseReason.CLOSED_BY_PEER
         assert isinstance(info.value, ConnectionClosed)
         assert client.close_reason is CloseReason.CLOSED_BY_HOST
+        assert server.eof_received
+        assert server.close_reason is None
+        await server.aclose()
         assert server.close_reason is CloseReason.CLOSED_BY_PEER
 
 
@@ -331,9 +339,12 @@ async def test_half_close_still_gets_the_reply() -> None:
         assert await server.receive() == b"request"
         with pytest.raises(ConnectionClosed):
             await server.receive()
-        assert server.close_reason is CloseReason.CLOSED_BY_PEER
+        assert server.eof_received
+        assert server.close_reason is None
         await server.send(b"reply after the peer's EOF")
         assert await client.receive() == b"reply after the peer's EOF"
+        await server.aclose()
+        assert server.close_reason is CloseReason.CLOSED_BY_PEER
 
 
 async def test_batched_messages_before_bad_data_are_delivered(pair_kind: str) -> None:
@@ -385,13 +396,13 @@ def pattern(size: int) -> bytes:
 def direct_receives(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The body sizes of every message taken by the direct-receive path."""
     sizes: list[int] = []
-    original = Connection._receive_direct
+    original = trionet._connection.receive_direct
 
-    async def spy(self: Connection, header_size: int, size: int) -> bytes:
+    async def spy(conn: Connection, header_size: int, size: int) -> bytes:
         sizes.append(size)
-        return await original(self, header_size, size)
+        return await original(conn, header_size, size)
 
-    monkeypatch.setattr(Connection, "_receive_direct", spy)
+    monkeypatch.setattr(trionet._connection, "receive_direct", spy)
     return sizes
 
 
@@ -414,7 +425,7 @@ async def test_large_messages_arrive_whole_between_small_ones(
             assert await server.receive_exactly(BIG) == body[::-1]
             assert await server.receive_line() == b"after"
     assert direct_receives == [BIG, BIG]
-    assert server.bytes_received == 2 * BIG + 4 + 4 + 5 + 6
+    assert server.statistics().bytes_received == 2 * BIG + 4 + 4 + 5 + 6
 
 
 async def test_cancelled_large_receive_gives_its_bytes_back(
@@ -430,7 +441,7 @@ async def test_cancelled_large_receive_gives_its_bytes_back(
 
                 async def cancel_once_blocked() -> None:
                     # Blocked means every byte sent so far has been received.
-                    while server.bytes_received < first:
+                    while server.statistics().bytes_received < first:
                         await trio.testing.wait_all_tasks_blocked()
                     scope.cancel()
 

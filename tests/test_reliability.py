@@ -394,7 +394,8 @@ async def test_peer_reset_inside_a_message(mode: str) -> None:
                 await sock.send(partial)
                 await wait_until(
                     lambda: (
-                        [c.bytes_received for c in server.connections] == [len(partial)]
+                        [c.statistics().bytes_received for c in server.connections]
+                        == [len(partial)]
                     ),
                     "the server holding the partial message",
                 )
@@ -533,7 +534,7 @@ async def test_huge_frame_header_is_refused_before_the_body(
         tracemalloc.stop()
     assert peak < 256 * KiB, peak
     assert conn.close_reason is CloseReason.PROTOCOL_ERROR
-    assert conn.bytes_received == header_size
+    assert conn.statistics().bytes_received == header_size
     await peer.aclose()
 
 
@@ -548,7 +549,7 @@ async def test_huge_frame_header_over_tcp_needs_no_body() -> None:
             await conn.receive()
         except FrameTooLarge as exc:
             outcome.append(exc)
-            received.append(conn.bytes_received)
+            received.append(conn.statistics().bytes_received)
 
     with trio.fail_after(10):
         async with trionet.open_tcp_server(

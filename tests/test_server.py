@@ -280,7 +280,9 @@ async def test_handler_nursery_hosts_the_connection_tasks() -> None:
                     assert names == ["trionet connection"]
                     await server.aclose()
                     assert await conn.receive_some() == b""
-                    assert conn.close_reason is CloseReason.CLOSED_BY_PEER
+                    assert conn.eof_received
+                    assert conn.close_reason is None
+                assert conn.close_reason is CloseReason.CLOSED_BY_PEER
             # Nothing of the server is left in ``handlers``: it can end.
             assert not handlers.child_tasks
     assert reasons == [CloseReason.SHUTDOWN]

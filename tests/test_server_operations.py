@@ -19,9 +19,13 @@ from .test_server import echo_lines
 
 
 async def wait_until_closed(server: trionet.Server, count: int) -> None:
-    """Block until ``count`` connections have ended (any reason)."""
+    """Block until ``count`` connections have ended (any reason) and every
+    connection task has let its slot go."""
     for _ in range(1000):
-        if sum(server.stats.closed.values()) >= count:
+        stats = server.stats
+        if sum(stats.closed.values()) >= count and stats.open == len(
+            server.connections
+        ):
             return
         await trio.testing.wait_all_tasks_blocked()
     raise AssertionError(f"{count} closes expected; stats: {server.stats}")
@@ -94,7 +98,9 @@ async def test_broadcast_evicts_only_the_slow_consumer() -> None:
         assert received == [total] * readers
         closed = server.stats.closed
         assert closed == {CloseReason.SLOW_CONSUMER: 1}
-        assert server.stats.open == readers
+        assert len(server.connections) == readers
+        # The evicted connection's handler still runs (and holds its slot).
+        assert server.stats.open == readers + 1
         for conn in conns:
             await conn.aclose()
         stuck.close()
@@ -117,7 +123,7 @@ async def test_send_waits_while_its_own_queue_is_full() -> None:
         # The handler is blocked on backpressure, nothing was dropped.
         blocked_at = sent
         assert blocked_at < 100_000
-        assert server.connections[0].send_queue_length == 4
+        assert server.connections[0].statistics().queued_messages == 4
         assert server.stats.closed == {}
         data = await conn.receive_exactly(65536 * (blocked_at + 4))
         assert data == b"y" * len(data)

@@ -97,8 +97,9 @@ async def test_close_reasons(closing: str, queued: bool, lockstep: bool) -> None
         with trio.fail_after(5), pytest.raises(ConnectionClosed) as caught:
             await other.receive()
         assert caught.value.reason is CloseReason.CLOSED_BY_PEER
-        assert other.close_reason is CloseReason.CLOSED_BY_PEER
-    # Leaving the block does not overwrite the reasons already set.
+        assert other.eof_received
+        assert other.close_reason is None
+    # Leaving the block closes the other side after the peer finished first.
     assert closer.close_reason is CloseReason.CLOSED_BY_HOST
     assert other.close_reason is CloseReason.CLOSED_BY_PEER
 
@@ -108,9 +109,11 @@ async def test_half_close() -> None:
         await a.send("last words")
         await a.send_eof()
         assert [message async for message in b] == [b"last words"]
-        assert b.close_reason is CloseReason.CLOSED_BY_PEER
+        assert b.eof_received
+        assert b.close_reason is None
         await b.send("reply after eof")
         assert await a.receive() == b"reply after eof"
+    assert b.close_reason is CloseReason.CLOSED_BY_PEER
 
 
 async def test_queued_side_sends_without_waiting_for_the_receiver(
@@ -222,6 +225,8 @@ async def test_a_handler_runs_on_the_second_side() -> None:
             await client.send("hi")
             assert await client.receive() == b"HI"
             await client.send_eof()
+        assert server.eof_received
+        await server.aclose()
         assert server.close_reason is CloseReason.CLOSED_BY_PEER
 
 

@@ -7,29 +7,22 @@ receive first tries to cut a whole message out of what is already buffered and
 returns it without passing through the scheduler (it still raises if the task
 was cancelled); only when the buffer holds no whole message does it ask the
 transport for more.  Bytes already received are appended to the buffer before
-anything can be cancelled, so a cancelled receive loses nothing.
+anything can be cancelled, so a cancelled receive loses nothing.  The body of
+a large message is received outside the buffer (:mod:`._receive_direct`).
 
-Sending.  A connection owned by a server (one with a *writer nursery*) has a
-bounded outgoing queue.  A send that finds the queue empty writes straight to
-the socket without waiting; whatever the kernel does not take goes into the
-queue, drained by a writer task that joins everything queued into as few
-socket sends as it can.  While the queue exists every send appends to it:
-``send*`` waits while the queue is full (backpressure on that sender only),
-and a broadcast, which must never wait, closes a connection whose queue is
-full with :attr:`CloseReason.SLOW_CONSUMER`.  Order is the queue's order, for
-sends and broadcasts alike.  The queue and its writer task exist only while
-there is something to write, so an idle connection costs no task.
+Sending.  A connection sends through one of two send paths (see
+:mod:`._sending`): a bounded queue drained by a writer task for connections a
+server owns, a FIFO lock for clients.
 
-A connection with no writer nursery (a client: it has no background task, so
-exceptions in the caller's block are never wrapped in an ExceptionGroup)
-writes under a FIFO lock instead, and ``send*`` returns once the kernel took
-the bytes.
-
-Closing.  The first cause sets ``close_reason``, once.  A clean end of stream
-from the peer sets :attr:`CloseReason.CLOSED_BY_PEER` but leaves the sending
-side open, so a half-closing peer still gets its reply.  Everything the
-connection accepted for sending is flushed before the socket closes (bounded
-by the flush timeout).
+Closing.  The close reason is committed once, when the connection closes,
+from the first cause.  A peer's clean end of stream only marks the receiving
+side finished (:attr:`Connection.eof_received`); if this side then closes
+normally, the reason is CLOSED_BY_PEER, but a SHUTDOWN, TIMEOUT,
+SLOW_CONSUMER or ERROR that cuts this side short is the reason instead.
+Everything accepted for sending is flushed before the transport closes, for
+at most the flush timeout; what cannot be flushed in time is dropped with a
+forceful close (the writer task is cancelled, the socket closed at once) and
+the connection ends with TIMEOUT.  No close ever waits without a bound.
 """
 
 from __future__ import annotations
@@ -43,6 +36,7 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+import attrs
 import trio
 
 from ._codec import Frames, Framing, Lines, ReceiveBuffer, as_bytes
@@ -52,27 +46,32 @@ from ._exceptions import (
     IncompleteMessage,
     ProtocolError,
 )
-from ._transport import Address, SocketTransport, StreamTransport, Transport
+from ._receive_direct import large_body, receive_direct
+from ._sending import (
+    DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_SEND_QUEUE_SIZE,
+    LOCKED,
+    MAX_BATCH_BYTES,
+    LockedSendPath,
+    QueuedSendPath,
+    SendQueue,
+)
+from ._transport import Address, StreamTransport, Transport
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["DEFAULT_SEND_QUEUE_SIZE", "Connection"]
+__all__ = [
+    "DEFAULT_FLUSH_TIMEOUT",
+    "DEFAULT_SEND_QUEUE_SIZE",
+    "Connection",
+    "ConnectionStatistics",
+]
 
 logger = logging.getLogger("trionet")
 
-#: Messages a connection's outgoing queue holds before ``send*`` waits.
-DEFAULT_SEND_QUEUE_SIZE = 256
-#: Seconds that closing waits for queued messages to reach the kernel.
-DEFAULT_FLUSH_TIMEOUT = 5.0
-#: The most bytes one write of the writer task joins together.
-MAX_BATCH_BYTES = 256 * 1024
 #: Sends that may go straight to the kernel before one passes through the scheduler.
 SENDS_PER_YIELD = 256
-#: A message of which this many bytes have arrived and at least as many are
-#: missing receives the rest straight into buffers of its own (fewer copies,
-#: fewer and larger recv calls).
-DIRECT_RECEIVE_MIN = 256 * 1024
 
 _DEFAULT_LINES = Lines()
 _DEFAULT_FRAMES = Frames()
@@ -106,6 +105,27 @@ def _checked_framing(framing: Framing | None) -> Framing | None:
     return framing
 
 
+@attrs.frozen(kw_only=True)
+class ConnectionStatistics:
+    """A snapshot of a :class:`Connection`'s counters.
+
+    .. versionadded:: 0.1
+    """
+
+    #: Bytes received from the peer.
+    bytes_received: int
+    #: Bytes written to the transport (accepted by the kernel, or by the stream).
+    bytes_sent: int
+    #: Messages accepted for sending and not yet written (0 without a queue).
+    queued_messages: int
+    #: Bytes accepted for sending and not yet written (0 without a queue).
+    queued_bytes: int
+    #: Whether the peer has finished sending (end of stream arrived).
+    eof_received: bool
+    #: Whether this side has finished sending (:meth:`Connection.send_eof`).
+    eof_sent: bool
+
+
 class Connection:
     """One byte stream with line, sized and framed receive modes.
 
@@ -119,8 +139,35 @@ class Connection:
     Receive modes may be mixed freely: they all read one buffer.  Sends from
     several tasks never interleave the bytes of two messages.
 
+    **States.**  Each direction finishes on its own; :attr:`close_reason` is
+    set once, when the connection is closed:
+
+    ================  ======================  ====================  ============
+    state             receiving               sending               close_reason
+    ================  ======================  ====================  ============
+    open              works                   works                 None
+    peer finished     buffered messages, then works                 None
+    (eof_received)    end of stream
+    we finished       works                   raises                None
+    (eof_sent)                                ConnectionClosed
+    flushing          works until closed      raises                None
+    (aclose running)                          ConnectionClosed
+    closed            raises ConnectionClosed raises                set
+                                              ConnectionClosed
+    ================  ======================  ====================  ============
+
+    Transitions: the peer's end of stream (open → peer finished);
+    :meth:`send_eof` (open → we finished); :meth:`aclose` or a server
+    handler returning (→ flushing → closed); a failure, timeout, protocol
+    error, eviction or shutdown (→ closed at once, dropping what was queued).
+    The reason is the first cause: a normal close after the peer finished
+    sending is :attr:`CloseReason.CLOSED_BY_PEER`; a TIMEOUT, ERROR,
+    SHUTDOWN or SLOW_CONSUMER that cuts this side short is that reason
+    instead, even after the peer finished.  A flush that runs out of time
+    (``flush_timeout``) closes forcefully, with TIMEOUT.
+
     Args:
-        stream: the stream to speak over.
+        stream: the stream to speak over.  Closing the connection closes it.
         framing: what :meth:`receive`, :meth:`send` and ``async for`` use:
             :class:`Lines`, :class:`Frames`, or None for raw bytes.
 
@@ -130,29 +177,28 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "_batch_ok",
+        "_bytes_received",
+        "_bytes_sent",
         "_cork",
         "_cork_bytes",
-        "_drained",
         "_eof",
-        "_flush_timeout",
+        "_eof_sent",
         "_framing",
         "_last_receive",
         "_message_started",
         "_on_closed",
-        "_queue_receive",
-        "_queue_send",
-        "_queue_size",
+        "_peer_first",
+        "_queue",
         "_ready",
         "_reason",
         "_receive_buffer",
         "_receiving",
+        "_send_closed",
         "_send_lock",
+        "_send_path",
         "_sends_since_yield",
         "_transport",
         "_transport_closed",
-        "_writer_nursery",
-        "bytes_received",
-        "bytes_sent",
         "idle_timeout",
         "message_timeout",
     )
@@ -160,26 +206,25 @@ class Connection:
     def __init__(
         self, stream: trio.abc.Stream, *, framing: Framing | None = None
     ) -> None:
-        self._setup(StreamTransport(stream), framing)
+        self._setup(StreamTransport(stream), framing, LOCKED)
 
     @classmethod
     def _over(
         cls,
         transport: Transport,
         framing: Framing | None,
-        *,
-        writer_nursery: trio.Nursery | None = None,
-        send_queue_size: int = DEFAULT_SEND_QUEUE_SIZE,
-        flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
+        send_path: QueuedSendPath | LockedSendPath = LOCKED,
     ) -> Connection:
         self = cls.__new__(cls)
-        self._setup(transport, framing)
-        self._writer_nursery = writer_nursery
-        self._queue_size = send_queue_size
-        self._flush_timeout = flush_timeout
+        self._setup(transport, framing, send_path)
         return self
 
-    def _setup(self, transport: Transport, framing: Framing | None) -> None:
+    def _setup(
+        self,
+        transport: Transport,
+        framing: Framing | None,
+        send_path: QueuedSendPath | LockedSendPath,
+    ) -> None:
         self._transport = transport
         self._framing = _checked_framing(framing)
         self._receive_buffer = ReceiveBuffer()
@@ -192,33 +237,32 @@ class Connection:
         # in a batch at most once, so mixing modes stays linear.
         self._batch_ok = True
         self._reason: CloseReason | None = None
-        self._eof = False
+        self._eof = False  # the peer finished sending
+        self._eof_sent = False  # this side finished sending
+        self._peer_first = False  # ... and the peer finished first
+        self._send_closed = False  # no more sends: eof sent, closing or closed
         self._transport_closed = False
         self._receiving = False
-        # Created by the first send that needs it (server connections never do).
+        self._send_path = send_path
+        # Created when first needed (server connections never need the lock).
         self._send_lock: trio.StrictFIFOLock | None = None
+        self._queue: SendQueue | None = None
         self._sends_since_yield = 0
-        self._writer_nursery: trio.Nursery | None = None
-        self._queue_size = DEFAULT_SEND_QUEUE_SIZE
-        self._flush_timeout = DEFAULT_FLUSH_TIMEOUT
-        self._queue_send: trio.MemorySendChannel[bytes | memoryview] | None = None
-        self._queue_receive: trio.MemoryReceiveChannel[bytes | memoryview] | None = None
-        self._drained: trio.Event | None = None
         self._cork: list[bytes] | None = None
         #: Told once, as soon as the connection closes (its server's bookkeeping).
         self._on_closed: _Owner | None = None
         self._cork_bytes = 0
         #: Seconds without receiving anything before the connection is closed
-        #: with TIMEOUT (checked while a receive waits, and while a send of a
-        #: server connection waits on a full queue); None for no limit.
+        #: with TIMEOUT (checked while a receive waits, and while a send waits
+        #: for the peer to read); None for no limit.
         self.idle_timeout: float | None = None
         #: Seconds allowed to complete one message once its first byte has
         #: arrived, else the connection is closed with TIMEOUT; None for no limit.
         self.message_timeout: float | None = None
         self._last_receive = 0.0
         self._message_started: float | None = None
-        self.bytes_received = 0
-        self.bytes_sent = 0
+        self._bytes_received = 0
+        self._bytes_sent = 0
 
     # ------------------------------------------------------------------ state
 
@@ -250,10 +294,25 @@ class Connection:
     def close_reason(self) -> CloseReason | None:
         """Why the connection ended, or None while it is open.
 
-        Set once, from the first cause.  A peer's clean end of stream sets
-        :attr:`CloseReason.CLOSED_BY_PEER` while this side may still send.
+        Set once, when the connection closes, from the first cause (see the
+        table of states above).  While only one direction has finished it is
+        still None: see :attr:`eof_received` and :attr:`eof_sent`.
         """
         return self._reason
+
+    @property
+    def eof_received(self) -> bool:
+        """Whether the peer has finished sending: its end of stream arrived.
+
+        Messages already buffered can still be received; this side can still
+        send.
+        """
+        return self._eof
+
+    @property
+    def eof_sent(self) -> bool:
+        """Whether this side has finished sending (:meth:`send_eof`)."""
+        return self._eof_sent
 
     @property
     def local_address(self) -> Address | None:
@@ -265,12 +324,17 @@ class Connection:
         """The peer's address as ``getpeername()`` gives it (None off sockets)."""
         return self._transport.remote_address
 
-    @property
-    def send_queue_length(self) -> int:
-        """Messages waiting in the outgoing queue (0 when there is no queue)."""
-        if self._queue_send is None:
-            return 0
-        return self._queue_send.statistics().current_buffer_used
+    def statistics(self) -> ConnectionStatistics:
+        """A snapshot of the connection's counters."""
+        queue = self._queue
+        return ConnectionStatistics(
+            bytes_received=self._bytes_received,
+            bytes_sent=self._bytes_sent,
+            queued_messages=0 if queue is None else queue.messages,
+            queued_bytes=0 if queue is None else queue.nbytes,
+            eof_received=self._eof,
+            eof_sent=self._eof_sent,
+        )
 
     def __repr__(self) -> str:
         state = "open" if self._reason is None else self._reason.name
@@ -278,26 +342,45 @@ class Connection:
 
     def _set_reason(self, reason: CloseReason) -> None:
         if self._reason is None:
+            if reason is CloseReason.CLOSED_BY_HOST and self._peer_first:
+                # A normal close after the peer finished first.
+                reason = CloseReason.CLOSED_BY_PEER
             self._reason = reason
 
     def _closed_error(self) -> ConnectionClosed:
+        if self._reason is None and self._eof_sent and not self._transport_closed:
+            return ConnectionClosed(
+                CloseReason.CLOSED_BY_HOST,
+                "this side has finished sending (send_eof was called)",
+            )
         return ConnectionClosed(self._reason or CloseReason.CLOSED_BY_HOST)
 
     def _close_now(self, reason: CloseReason) -> None:
-        """Record ``reason`` (if first) and close the transport without awaiting.
+        """Record ``reason`` (if first) and close at once, without awaiting:
+        what is queued is dropped and the writer task cancelled.
 
-        Waiting receivers and senders wake with :class:`ConnectionClosed`.
+        Waiting receivers and senders wake with :class:`ConnectionClosed`.  A
+        stream that cannot be closed without awaiting is closed forcefully
+        in the background (or by :meth:`aclose`, which waits for that).
         """
         self._set_reason(reason)
-        if self._queue_send is not None:
-            self._queue_send.close()
+        self._send_closed = True
+        self._cork = None
+        queue = self._queue
+        if queue is not None:
+            self._queue = None
+            queue.close(self._closed_error())
         if not self._transport_closed:
             self._mark_closed()
-            if not self._transport.close() and self._writer_nursery is not None:
-                self._writer_nursery.start_soon(self._transport.aclose)
+            if not self._transport.close():
+                path = self._send_path
+                if isinstance(path, QueuedSendPath):
+                    with contextlib.suppress(RuntimeError):  # (nursery closed)
+                        path.nursery.start_soon(self._transport.aclose_forcefully)
 
     def _mark_closed(self) -> None:
         self._transport_closed = True
+        self._send_closed = True
         if self._on_closed is not None:
             self._on_closed._connection_closed(self)
 
@@ -358,8 +441,8 @@ class Connection:
             self._last_receive = trio.current_time()
         if count == 0:
             self._eof = True
-            self._set_reason(CloseReason.CLOSED_BY_PEER)
-        self.bytes_received += count
+            self._peer_first = not self._eof_sent
+        self._bytes_received += count
 
     def _receive_deadline(self) -> float:
         deadline = math.inf
@@ -377,9 +460,15 @@ class Connection:
 
     def _end_of_stream_error(self) -> ConnectionClosed:
         reason = self._reason or CloseReason.CLOSED_BY_PEER
-        if self._receive_buffer:
-            return IncompleteMessage(reason, self._receive_buffer.extract_some())
-        return ConnectionClosed(reason)
+        if not self._receive_buffer:
+            return ConnectionClosed(reason)
+        partial = self._receive_buffer.extract_some()
+        if self._transport.ragged_eof:
+            # A TLS stream cut inside a message, without close_notify: it
+            # may have been truncated on purpose, so it is no clean end.
+            self._close_now(CloseReason.ERROR)
+            reason = CloseReason.ERROR
+        return IncompleteMessage(reason, partial)
 
     async def _receive_message(
         self,
@@ -421,9 +510,9 @@ class Connection:
                 if self._eof:
                     raise self._end_of_stream_error()
                 if frames is not None or exactly:
-                    body = self._large_body(frames, exactly)
+                    body = large_body(self, frames, exactly)
                     if body is not None:
-                        return await self._receive_direct(*body)
+                        return await receive_direct(self, *body)
                 sock = self._fast_socket()
                 if sock is None:
                     await self._fill()
@@ -446,65 +535,6 @@ class Connection:
             raise _iteration_end(exc, iterating) from exc.__cause__
         finally:
             self._receiving = False
-
-    def _large_body(
-        self, frames: Frames | None, exactly: int
-    ) -> tuple[int, int] | None:
-        """``(header size, body size)`` of a message to receive directly.
-
-        That is a frame (or ``receive_exactly``) of which at least
-        ``DIRECT_RECEIVE_MIN`` bytes have arrived and at least as many are
-        still missing.  Waiting for bytes to arrive first keeps the rule that
-        memory follows what arrived, never what a header announced.
-        """
-        buffer = self._receive_buffer
-        buffered = len(buffer)
-        if buffered < DIRECT_RECEIVE_MIN:
-            return None
-        if frames is None:
-            header, size = 0, exactly
-        else:
-            header = frames.header_size
-            size = buffer.frame_length(header, frames.max_size) or 0
-        if header + size - buffered < DIRECT_RECEIVE_MIN:
-            return None
-        return header, size
-
-    async def _receive_direct(self, header_size: int, size: int) -> bytes:
-        """Receive the rest of a large message's body outside the receive buffer.
-
-        The body is read with ``recv_into`` straight into pieces that double
-        in size, each no larger than what has arrived so far, and joined once
-        at the end.  What arrived goes back to the receive buffer if this is
-        cancelled or fails, so nothing is lost.
-        """
-        buffer = self._receive_buffer
-        header = buffer.extract_exactly(header_size) or b""
-        pieces: list[bytes | bytearray] = [buffer.extract_some(size)]
-        got = len(pieces[0])
-        if self.message_timeout is not None and self._message_started is None:
-            self._message_started = trio.current_time()
-        try:
-            while got < size:
-                piece = bytearray(min(size - got, got))
-                pieces.append(piece)
-                filled = 0
-                while filled < len(piece):
-                    count = await self._fill(memoryview(piece)[filled:])
-                    if count == 0:
-                        break
-                    filled += count
-                    got += count
-                if filled < len(piece):
-                    break  # end of stream
-        except BaseException:
-            buffer.unread(header + b"".join(pieces)[:got])
-            raise
-        if got < size:
-            buffer.unread(header + b"".join(pieces)[:got])
-            raise self._end_of_stream_error()
-        self._message_started = None
-        return b"".join(pieces)
 
     async def receive_line(self) -> bytes:
         """Receive one line, without its delimiter.
@@ -637,10 +667,6 @@ class Connection:
 
     # ---------------------------------------------------------------- sending
 
-    def _check_sendable(self) -> None:
-        if self._transport_closed:
-            raise self._closed_error()
-
     async def send_all(self, data: BytesLike) -> None:
         """Send raw bytes, unframed."""
         await self._send(bytes(data) if not isinstance(data, bytes) else data)
@@ -667,21 +693,32 @@ class Connection:
         await self._send(framing.encode(data))
 
     async def send(self, message: BytesLike | str) -> None:
-        """Send one message of :attr:`framing` (raw bytes when it is None)."""
+        """Send one message of :attr:`framing` (raw bytes when it is None).
+
+        On a connection a server handed to its handler, this returns once the
+        message is queued; it waits while the connection's outgoing queue is
+        full (``send_queue_size`` messages or ``send_queue_bytes`` bytes).  A
+        wait longer than :attr:`idle_timeout` for the peer to read closes the
+        connection with TIMEOUT.
+
+        Raises:
+            ConnectionClosed: the connection is closed, or this side already
+                sent its end of stream (:meth:`send_eof`).
+        """
         framing = self._framing
         data = as_bytes(message) if framing is None else framing.encode(message)
-        # (_send's body, inlined, and _try_push's corked case too: this is
+        # (_send's body, inlined, and try_push's corked case too: this is
         # the hottest path of a server that answers pipelined requests, and a
         # coroutine call costs about a fifth of it.)
         await trio.lowlevel.checkpoint_if_cancelled()
         cork = self._cork
-        if cork is not None and not self._transport_closed:
+        if cork is not None and not self._send_closed:
             cork.append(data)
             self._cork_bytes += len(data)
             if self._cork_bytes >= MAX_BATCH_BYTES:
                 self._uncork()
-        elif not self._try_push(data):
-            await self._send_slow(data)
+        elif not self._send_path.try_push(self, data):
+            await self._send_path.send_slow(self, data)
         self._sends_since_yield += 1
         if self._sends_since_yield >= SENDS_PER_YIELD:
             self._sends_since_yield = 0
@@ -689,75 +726,20 @@ class Connection:
 
     async def _send(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._try_push(data):
-            await self._send_slow(data)
+        if not self._send_path.try_push(self, data):
+            await self._send_path.send_slow(self, data)
         self._sends_since_yield += 1
         if self._sends_since_yield >= SENDS_PER_YIELD:
             self._sends_since_yield = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def _try_push(self, data: bytes) -> bool:
-        """Hand ``data`` on without waiting: cork, queue, or straight to the kernel.
-
-        Returns False when the caller must wait: the queue is full, or the
-        connection has no writer task and sends under its lock.
-
-        Raises:
-            ConnectionClosed: the connection is closed or the transport failed.
-        """
-        if self._transport_closed:
-            raise self._closed_error()
-        if self._writer_nursery is None:
-            return False
-        cork = self._cork
-        if cork is not None:
-            cork.append(data)
-            self._cork_bytes += len(data)
-            if self._cork_bytes >= MAX_BATCH_BYTES:
-                self._uncork()
-            return True
-        queue = self._queue_send
-        if queue is not None:
-            try:
-                queue.send_nowait(data)
-            except trio.WouldBlock:
-                return False
-            return True
-        if self._ready or self._receive_buffer:
-            # More input is already here, so the handler is about to send
-            # again: hold this back and send the whole batch at once, before
-            # the next wait for input or as soon as this task yields.
-            self._cork = [data]
-            self._cork_bytes = len(data)
-            trio.lowlevel.current_trio_token().run_sync_soon(self._uncork_soon)
-            return True
-        self._write_or_queue(data)
-        return True
-
-    async def _send_slow(self, data: bytes) -> None:
-        if self._writer_nursery is None:
-            await self._send_locked(data)
-            return
-        assert self._queue_send is not None
-        # Backpressure: the queue is full.  A peer that reads nothing for
-        # idle_timeout cannot hold this sender for ever.
-        deadline = math.inf
-        if self.idle_timeout is not None:
-            deadline = trio.current_time() + self.idle_timeout
-        with trio.move_on_at(deadline) as scope:
-            try:
-                await self._queue_send.send(data)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                raise self._closed_error() from None
-        if scope.cancelled_caught:
-            self._close_now(CloseReason.TIMEOUT)
-            raise self._closed_error()
-
     def _uncork(self) -> None:
         cork = self._cork
         if cork is not None:
             self._cork = None
-            self._write_or_queue(cork[0] if len(cork) == 1 else b"".join(cork))
+            path = self._send_path
+            assert isinstance(path, QueuedSendPath)
+            path.write_or_queue(self, cork[0] if len(cork) == 1 else b"".join(cork))
 
     def _uncork_soon(self) -> None:
         # Runs from the scheduler once the corking task has yielded.
@@ -765,78 +747,59 @@ class Connection:
             with contextlib.suppress(ConnectionClosed):
                 self._uncork()
 
-    def _write_or_queue(self, data: bytes) -> None:
-        # No queue: write now; hand what the kernel did not take to a writer task.
-        try:
-            sent = self._transport.send_nowait(data)
-        except _TRANSPORT_ERRORS as exc:
-            raise self._broken(exc) from exc
-        self.bytes_sent += sent
-        if sent < len(data):
-            self._start_writer()
-            assert self._queue_send is not None
-            self._queue_send.send_nowait(memoryview(data)[sent:] if sent else data)
+    def _offer(self, data: bytes) -> bool:
+        """Queue already-encoded bytes without waiting, for a broadcast.
 
-    def send_nowait(self, data: bytes) -> bool:
-        """Queue already-encoded bytes without waiting (used by broadcasts).
-
-        A connection whose queue is full is closed with
-        :attr:`CloseReason.SLOW_CONSUMER`.  Returns whether the bytes were
-        accepted.
+        Returns whether they were accepted; a connection over its broadcast
+        headroom (or stalled) is closed as a slow consumer instead.
         """
-        if self._transport_closed:
-            return False
-        if self._writer_nursery is None:
-            raise RuntimeError("send_nowait needs a connection owned by a server")
-        try:
-            accepted = self._try_push(data)
-        except ConnectionClosed:
-            return False
-        if not accepted:
-            logger.info("%r: outgoing queue full; closing as slow consumer", self)
-            self._close_now(CloseReason.SLOW_CONSUMER)
-            return False
-        return True
+        path = self._send_path
+        if not isinstance(path, QueuedSendPath):
+            raise RuntimeError("broadcasts need a connection owned by a server")
+        return path.offer(self, data)
 
-    def _start_writer(self) -> None:
-        assert self._writer_nursery is not None
-        self._queue_send, self._queue_receive = trio.open_memory_channel[
-            bytes | memoryview
-        ](self._queue_size)
-        self._drained = trio.Event()
-        self._writer_nursery.start_soon(self._writer)
+    async def send_eof(self) -> None:
+        """Flush what is queued, then half-close: the peer sees end of stream.
 
-    async def _writer(self) -> None:
-        receive = self._queue_receive
-        drained = self._drained
-        assert receive is not None and drained is not None
-        try:
-            while True:
-                batch: list[bytes | memoryview] = []
-                size = 0
-                while size < MAX_BATCH_BYTES:
-                    try:
-                        item = receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    batch.append(item)
-                    size += len(item)
-                if not batch:
-                    break
-                data = batch[0] if len(batch) == 1 else b"".join(batch)
+        Receiving still works afterwards; sending raises
+        :class:`ConnectionClosed` (the connection stays open).  A second call
+        does nothing.  Waiting for the queue to drain is bounded like a close
+        (``flush_timeout``) and by :attr:`idle_timeout`; when that runs out the
+        connection is closed with TIMEOUT.
+
+        Raises:
+            TypeError: the stream cannot half-close (TLS cannot).
+            ConnectionClosed: the connection is closed, or the flush ran out
+                of time.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._eof_sent and not self._transport_closed:
+            return
+        if self._send_closed:
+            raise self._closed_error()
+        if not self._transport.can_send_eof:
+            raise TypeError(f"{self._transport.describe()} cannot half-close")
+        self._send_closed = self._eof_sent = True
+        with contextlib.suppress(ConnectionClosed):
+            self._uncork()
+        now = trio.current_time()
+        deadline = now + self._send_path.limits.flush_timeout
+        if self.idle_timeout is not None:
+            deadline = min(deadline, now + self.idle_timeout)
+        with trio.move_on_at(deadline) as scope:
+            queue = self._queue
+            if queue is not None:
+                await queue.drained.wait()
+            async with self._lock():
+                if self._transport_closed:
+                    raise self._closed_error()
                 try:
-                    await self._transport.send_all(data)
+                    await self._transport.send_eof()
                 except _TRANSPORT_ERRORS as exc:
-                    self._broken(exc)
-                    return
-                self.bytes_sent += size
-        finally:
-            # No await between finding the queue empty and dropping it: the
-            # next send sees no queue and writes directly, in order.
-            if self._queue_receive is receive:
-                self._queue_send = self._queue_receive = None
-            receive.close()
-            drained.set()
+                    raise self._broken(exc) from exc
+        if scope.cancelled_caught:
+            self._close_now(CloseReason.TIMEOUT)
+            raise self._closed_error()
 
     def _lock(self) -> trio.StrictFIFOLock:
         lock = self._send_lock
@@ -844,83 +807,64 @@ class Connection:
             lock = self._send_lock = trio.StrictFIFOLock()
         return lock
 
-    async def _send_locked(self, data: bytes) -> None:
-        lock = self._lock()
-        if lock.locked():
-            await lock.acquire()
-        else:
-            lock.acquire_nowait()
-        try:
-            self._check_sendable()
-            try:
-                sent = self._transport.send_nowait(data)
-                if sent < len(data):
-                    await self._send_rest(memoryview(data)[sent:] if sent else data)
-            except _TRANSPORT_ERRORS as exc:
-                raise self._broken(exc) from exc
-            self.bytes_sent += len(data)
-        finally:
-            lock.release()
-        self._sends_since_yield += 1
-        if self._sends_since_yield >= SENDS_PER_YIELD:
-            self._sends_since_yield = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def _send_rest(self, data: bytes | memoryview) -> None:
-        try:
-            await self._transport.send_all(data)
-        except trio.Cancelled:
-            # Part of a message may be on the wire: the stream can no longer
-            # be trusted, so end it rather than let the peer decode garbage.
-            self._close_now(CloseReason.ERROR)
-            raise
-
-    async def send_eof(self) -> None:
-        """Flush what is queued, then half-close: the peer sees end of stream.
-
-        Receiving still works afterwards.
-        """
-        await self._flush()
-        self._check_sendable()
-        async with self._lock():
-            try:
-                await self._transport.send_eof()
-            except _TRANSPORT_ERRORS as exc:
-                raise self._broken(exc) from exc
-
     # ---------------------------------------------------------------- closing
 
-    async def _flush(self) -> None:
-        """Wait until the outgoing queue is empty."""
-        drained = self._drained
-        if drained is not None:
-            await drained.wait()
-        else:
-            await trio.lowlevel.checkpoint()
+    async def _finish(self, reason: CloseReason, scope: trio.CancelScope) -> None:
+        """Close with ``reason`` after flushing what is queued.
 
-    async def _finish(self, reason: CloseReason) -> None:
-        """Close with ``reason`` (if first) after flushing what is queued."""
-        self._set_reason(reason)
+        Flushing and the transport's own graceful close (TLS close_notify) run
+        inside ``scope``, whose deadline bounds them (the caller may shield
+        it, or move its deadline earlier while it runs).  When the deadline
+        passes first, the connection is closed forcefully.  Either way the
+        stream has been closed when this returns.
+        """
         if not self._transport_closed:
+            self._send_closed = True
             with contextlib.suppress(ConnectionClosed):
                 self._uncork()
-            deadline = trio.current_time() + self._flush_timeout
-            with trio.CancelScope(shield=True, deadline=deadline) as scope:
-                await self._flush()
-            if scope.cancelled_caught:
-                logger.info("%r: flush timed out; closing with data unsent", self)
-        if not self._transport_closed:
-            self._mark_closed()
-            if self._queue_send is not None:
-                self._queue_send.close()
-            await self._transport.aclose()
-        else:
-            await trio.lowlevel.checkpoint()
+            with scope:
+                queue = self._queue
+                if queue is not None:
+                    await queue.drained.wait()
+                if not self._transport_closed:
+                    self._set_reason(reason)
+                    self._mark_closed()
+                    with contextlib.suppress(*_TRANSPORT_ERRORS):
+                        await self._transport.aclose()
+            if not self._transport_closed:
+                queue = self._queue
+                unsent = 0 if queue is None else queue.nbytes
+                logger.info(
+                    "%r: flush timed out after %s s; closing with %d bytes unsent",
+                    self,
+                    self._send_path.limits.flush_timeout,
+                    unsent,
+                )
+                if reason is CloseReason.CLOSED_BY_HOST:
+                    reason = CloseReason.TIMEOUT
+                self._close_now(reason)
+        with trio.CancelScope(shield=True):
+            if not self._transport.closed:
+                await self._transport.aclose_forcefully()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def aclose(self) -> None:
-        """Close the connection (:attr:`CloseReason.CLOSED_BY_HOST` unless it
-        already has a reason), after flushing everything queued for sending."""
-        await self._finish(CloseReason.CLOSED_BY_HOST)
+        """Close the connection after flushing everything queued for sending.
+
+        The reason is :attr:`CloseReason.CLOSED_BY_HOST` (CLOSED_BY_PEER if
+        the peer had finished sending first) unless something else closed it
+        first.  Flushing and the transport's close take at most
+        ``flush_timeout`` seconds (5 by default), even if the calling task is
+        cancelled; what is still queued then is dropped, the stream is closed
+        forcefully, and the reason is TIMEOUT.  The stream has been closed
+        when this returns.
+        """
+        deadline = trio.current_time() + self._send_path.limits.flush_timeout
+        await self._finish(
+            CloseReason.CLOSED_BY_HOST, trio.CancelScope(shield=True, deadline=deadline)
+        )
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def __aenter__(self) -> Self:
         return self
@@ -932,10 +876,3 @@ class Connection:
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-def connection_over_socket(
-    sock: trio.socket.SocketType, framing: Framing | None
-) -> Connection:
-    """A client Connection over a connected trio socket, on the fast path."""
-    return Connection._over(SocketTransport.from_trio_socket(sock), framing)

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import socket
 import ssl
+import sys
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -42,12 +44,24 @@ import attrs
 import trio
 
 from ._codec import Framing, as_bytes
-from ._connection import DEFAULT_FLUSH_TIMEOUT, DEFAULT_SEND_QUEUE_SIZE, Connection
+from ._connection import Connection
 from ._exceptions import CloseReason, ConnectionClosed, ProtocolError
 from ._listeners import open_listeners
-from ._options import non_negative, positive_int, positive_or_none
+from ._options import non_negative, positive, positive_int, positive_or_none
+from ._sending import (
+    DEFAULT_BROADCAST_HEADROOM,
+    DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_SEND_QUEUE_BYTES,
+    DEFAULT_SEND_QUEUE_SIZE,
+    DEFAULT_STALL_TIMEOUT,
+    QueuedSendPath,
+    SendLimits,
+)
 from ._transport import Address, SocketTransport, StreamTransport
-from ._util import call_maybe_async, server_in_block
+from ._util import call_maybe_async, format_address, server_in_block
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -92,8 +106,29 @@ class Backplane(Protocol):
 
 #: Accept errors that mean "no resources right now": wait and try again.
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-#: Accept errors about one client that already went away: just go on.
-_ACCEPT_CLIENT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET}
+#: Accept errors about one client (gone already, refused by a firewall rule,
+#: unreachable): skip it and go on.  The same set trio's own listeners skip.
+_ACCEPT_CLIENT_ERRORS = {
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+}
 #: Seconds to pause accepting after running out of descriptors.
 ACCEPT_BACKOFF = 0.1
 #: The name of every connection task (one string shared by all of them).
@@ -128,9 +163,24 @@ class ServerOptions:
     message_timeout: float | None = attrs.field(
         default=None, validator=positive_or_none
     )
-    #: Messages each connection's outgoing queue holds.
+    #: Messages a connection's outgoing queue holds before ``send*`` waits.
     send_queue_size: int = attrs.field(
         default=DEFAULT_SEND_QUEUE_SIZE, validator=positive_int
+    )
+    #: Bytes a connection's outgoing queue holds before ``send*`` waits.
+    send_queue_bytes: int = attrs.field(
+        default=DEFAULT_SEND_QUEUE_BYTES, validator=positive_int
+    )
+    #: Bytes beyond ``send_queue_bytes`` that only :meth:`Server.broadcast`
+    #: may use; a broadcast that would need more evicts the connection
+    #: (SLOW_CONSUMER).
+    broadcast_headroom: int = attrs.field(
+        default=DEFAULT_BROADCAST_HEADROOM, validator=non_negative
+    )
+    #: Seconds a connection's queue may go without any byte written before
+    #: the next broadcast evicts it as a slow consumer.
+    stall_timeout: float = attrs.field(
+        default=DEFAULT_STALL_TIMEOUT, validator=positive
     )
     #: Seconds handlers get to finish when the server shuts down.
     grace_period: float = attrs.field(default=5.0, validator=non_negative)
@@ -139,7 +189,11 @@ class ServerOptions:
         default=DEFAULT_FLUSH_TIMEOUT, validator=non_negative
     )
     #: Seconds allowed for a TLS handshake (TIMEOUT after that).
-    handshake_timeout: float = attrs.field(default=10.0, validator=positive_or_none)
+    handshake_timeout: float = attrs.field(default=10.0, validator=positive)
+    #: Treat a TLS peer that closes without close_notify as an error (ERROR)
+    #: even between messages.  By default that is a clean end (CLOSED_BY_PEER)
+    #: at a message boundary, and an error (IncompleteMessage) inside one.
+    require_close_notify: bool = False
     #: Called with each admitted connection before its handler runs.
     on_connect: Hook | None = None
     #: Called with each admitted connection once it is closed (close_reason set).
@@ -166,9 +220,13 @@ class _TransportOptionsDict(TypedDict, total=False):
     idle_timeout: float | None
     message_timeout: float | None
     send_queue_size: int
+    send_queue_bytes: int
+    broadcast_headroom: int
+    stall_timeout: float
     grace_period: float
     flush_timeout: float
     handshake_timeout: float
+    require_close_notify: bool
     on_connect: Hook | None
     on_close: Hook | None
     reuse_port: bool
@@ -192,8 +250,11 @@ class ServerStats:
     accepted: int
     #: Clients refused by the accept filter.
     rejected: int
-    #: Connections open now.
+    #: Connections holding a slot now (counted against ``max_connections``):
+    #: being admitted, served, or closing.
     open: int
+    #: Of those, connections still in the accept filter or the TLS handshake.
+    admitting: int
     #: Connections ended, by close reason (refused clients count as REJECTED).
     closed: Mapping[CloseReason, int]
     #: Bytes received on every connection, open or closed.
@@ -202,8 +263,42 @@ class ServerStats:
     bytes_sent: int
 
 
+def _own_end(conn: Connection, exc: BaseException) -> bool:
+    """Whether ``exc`` -- or every exception in it, if it is a group -- is
+    ``conn`` ending (the peer left, a timeout, a protocol error), which its
+    close reason already records: no handler failure."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_own_end(conn, inner) for inner in exc.exceptions)
+    if not isinstance(exc, ConnectionClosed | ProtocolError):
+        return False
+    return conn.close_reason is not None or (
+        conn.eof_received and isinstance(exc, ConnectionClosed)
+    )
+
+
 class Server:
     """A running TCP server.  Get one from :func:`serve_tcp` or :func:`open_tcp_server`.
+
+    **Lifecycle.**
+
+    ===========  =====================================  ===========================
+    state        new clients                            handlers
+    ===========  =====================================  ===========================
+    serving      accepted (up to ``max_connections``)   run
+    grace        refused: listeners closed; clients in  run for ``grace_period``
+                 the filter or handshake are dropped
+    closing      --                                     cancelled; flushes, TLS
+                                                        closes and ``on_close``
+                                                        hooks share
+                                                        ``flush_timeout``
+    stopped      --                                     all finished; ``serve_tcp``
+                                                        returns
+    ===========  =====================================  ===========================
+
+    :meth:`aclose` moves serving → grace; a supervisor task inside
+    :func:`serve_tcp` does the rest, so the shutdown completes even if the
+    task that asked for it is cancelled or is one of the handlers.
+    Cancelling ``serve_tcp`` itself skips the grace period and the flushes.
 
     .. versionadded:: 0.1
     """
@@ -219,6 +314,16 @@ class Server:
         self._handler = handler
         self._options = options
         self._nursery = nursery
+        self._send_path = QueuedSendPath(
+            nursery,
+            SendLimits(
+                queue_size=options.send_queue_size,
+                queue_bytes=options.send_queue_bytes,
+                broadcast_headroom=options.broadcast_headroom,
+                stall_timeout=options.stall_timeout,
+                flush_timeout=options.flush_timeout,
+            ),
+        )
         # Open connections (insertion-ordered).
         self._connections: dict[Connection, None] = {}
         # Where connection tasks run (a nursery inside ``nursery``, so that
@@ -229,11 +334,22 @@ class Server:
         self._all_done = trio.Event()
         self._all_done.set()
         self._accepting = trio.CancelScope()
+        # Shutdown: requested (by aclose), carried out by serve_tcp's task.
+        self._close_requested = trio.Event()
+        self._grace_deadline = math.inf
+        self._grace_scope: trio.CancelScope | None = None
         self._closing = False
+        # When shutdown stops waiting for closes and hooks (end of grace
+        # period + flush_timeout); inf until then.
+        self._hard_deadline = math.inf
+        self._cleanup_scopes: set[trio.CancelScope] = set()
+        self._admission_scopes: set[trio.CancelScope] = set()
         self._stopped = trio.Event()
         self._slots = (
             trio.Semaphore(options.max_connections) if options.max_connections else None
         )
+        self._slots_held = 0
+        self._admitting = 0
         self._accepted = 0
         self._rejected = 0
         self._closed: Counter[CloseReason] = Counter()
@@ -252,7 +368,7 @@ class Server:
 
     @property
     def connections(self) -> list[Connection]:
-        """A snapshot of the open connections."""
+        """A snapshot of the admitted connections that are not closed yet."""
         return list(self._connections)
 
     @property
@@ -267,10 +383,11 @@ class Server:
         return ServerStats(
             accepted=self._accepted,
             rejected=self._rejected,
-            open=len(conns),
+            open=self._slots_held,
+            admitting=self._admitting,
             closed=dict(self._closed),
-            bytes_received=self._bytes_received + sum(c.bytes_received for c in conns),
-            bytes_sent=self._bytes_sent + sum(c.bytes_sent for c in conns),
+            bytes_received=self._bytes_received + sum(c._bytes_received for c in conns),
+            bytes_sent=self._bytes_sent + sum(c._bytes_sent for c in conns),
         )
 
     async def broadcast(self, message: bytes | bytearray | memoryview | str) -> None:
@@ -278,9 +395,11 @@ class Server:
 
         The message is encoded once with the server's framing (raw bytes when
         it has none).  It joins each connection's outgoing queue in order with
-        that connection's own sends.  A connection whose queue is full is
-        closed with :attr:`CloseReason.SLOW_CONSUMER`; every other connection
-        still gets the message.
+        that connection's own sends.  A broadcast may use the
+        ``broadcast_headroom`` beyond the point where ``send*`` waits; a
+        connection that would need more, or whose queue has not moved for
+        ``stall_timeout``, is closed with :attr:`CloseReason.SLOW_CONSUMER`.
+        Every other connection still gets the message.
 
         With a ``backplane``, the message is also published to every other
         server on that backplane, which deliver it to their own clients the
@@ -301,7 +420,7 @@ class Server:
 
     def _deliver(self, data: bytes) -> None:
         for conn in list(self._connections):
-            conn.send_nowait(data)
+            conn._offer(data)
 
     def _deliver_remote(self, message: bytes) -> None:
         # A message another server published on the backplane.
@@ -350,6 +469,7 @@ class Server:
                     self._slots.release()
                 raise
             self._tasks += 1
+            self._slots_held += 1
             self._all_done = trio.Event() if self._all_done.is_set() else self._all_done
             assert self._handlers is not None
             self._handlers.start_soon(self._run_connection, sock, name=_TASK_NAME)
@@ -357,21 +477,26 @@ class Server:
     async def _accept(self, listener: socket.socket) -> socket.socket:
         while True:
             try:
-                sock, _address = listener.accept()
+                sock, _address = _accept_nowait(listener)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(listener)
                 continue
             except OSError as exc:
+                name = errno.errorcode.get(exc.errno or 0, exc.errno)
                 if exc.errno in _ACCEPT_RESOURCE_ERRORS:
                     logger.error(
                         "accept on %s failed (%s); pausing %.2f s",
-                        listener.getsockname(),
-                        errno.errorcode.get(exc.errno or 0, exc.errno),
+                        format_address(listener.getsockname()),
+                        name,
                         ACCEPT_BACKOFF,
                     )
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 if exc.errno in _ACCEPT_CLIENT_ERRORS:
+                    # About one client that is already gone (or a firewall
+                    # rule): the listener is fine.
+                    logger.debug("accept: skipped one client (%s)", name)
+                    await trio.lowlevel.checkpoint()
                     continue
                 raise
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -379,8 +504,35 @@ class Server:
 
     # ------------------------------------------------------------ connections
 
+    async def _admit(self, sock: socket.socket) -> Connection | None:
+        """Filter, handshake and wrap one accepted socket; None if it ends
+        here.  Shutdown cancels this at once; the socket is closed whatever
+        happens, unless a connection now owns it."""
+        scope = trio.CancelScope()
+        if self._closing:
+            scope.cancel()
+        self._admission_scopes.add(scope)
+        self._admitting += 1
+        conn = None
+        try:
+            with scope:
+                conn = await self._open(sock)
+            if scope.cancelled_caught:
+                self._closed[CloseReason.SHUTDOWN] += 1
+            return conn
+        except OSError as exc:
+            # The client left before we could look at it.
+            logger.debug("connection lost while opening: %r", exc)
+            self._closed[CloseReason.ERROR] += 1
+            return None
+        finally:
+            self._admitting -= 1
+            self._admission_scopes.discard(scope)
+            if conn is None and sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+
     async def _open(self, sock: socket.socket) -> Connection | None:
-        """Filter, handshake and wrap one accepted socket; None if it ends here."""
         options = self._options
         if options.accept is not None:
             try:
@@ -390,7 +542,6 @@ class Server:
                 logger.exception("accept filter failed; refusing the client")
                 admitted = False
             if not admitted:
-                sock.close()
                 self._rejected += 1
                 self._closed[CloseReason.REJECTED] += 1
                 return None
@@ -413,17 +564,12 @@ class Server:
                 logger.info("TLS handshake timed out")
                 reason = CloseReason.TIMEOUT
             if reason is not None:
-                await trio.aclose_forcefully(tls)
                 self._closed[reason] += 1
                 return None
-            transport = StreamTransport(tls)
-        conn = Connection._over(
-            transport,
-            options.framing,
-            writer_nursery=self._nursery,
-            send_queue_size=options.send_queue_size,
-            flush_timeout=options.flush_timeout,
-        )
+            transport = StreamTransport(
+                tls, require_close_notify=options.require_close_notify
+            )
+        conn = Connection._over(transport, options.framing, self._send_path)
         conn.idle_timeout = options.idle_timeout
         conn.message_timeout = options.message_timeout
         conn._on_closed = self
@@ -436,57 +582,72 @@ class Server:
             del self._connections[conn]
             assert conn.close_reason is not None
             self._closed[conn.close_reason] += 1
-            self._bytes_received += conn.bytes_received
-            self._bytes_sent += conn.bytes_sent
+            self._bytes_received += conn._bytes_received
+            self._bytes_sent += conn._bytes_sent
+
+    def _cleanup_scope(self, seconds: float) -> trio.CancelScope:
+        """A shielded scope for closing work (flush, TLS close, on_close),
+        ending after ``seconds`` or at the shutdown's hard deadline."""
+        deadline = min(trio.current_time() + seconds, self._hard_deadline)
+        scope = trio.CancelScope(shield=True, deadline=deadline)
+        self._cleanup_scopes.add(scope)
+        return scope
 
     async def _run_connection(self, sock: socket.socket) -> None:
         # (One coroutine frame for the whole life of a connection: an idle
         # connection's memory is mostly the frames its task holds.)
+        options = self._options
+        cancelled: BaseException | None = None
+        holding_slot = True
         try:
-            try:
-                conn = await self._open(sock)
-            except OSError as exc:
-                # The client left before we could look at it.
-                logger.debug("connection lost while opening: %r", exc)
-                sock.close()
-                self._closed[CloseReason.ERROR] += 1
-                return
+            conn = await self._admit(sock)
             if conn is None:
                 return
-            options = self._options
             self._connections[conn] = None
             self._accepted += 1
+            reason = CloseReason.CLOSED_BY_HOST
             try:
                 if options.on_connect is not None:
                     await self._call_hook(options.on_connect, conn)
-                try:
-                    await self._handler(conn)
-                except (ConnectionClosed, ProtocolError) as exc:
-                    # The connection's own end, already recorded in its close
-                    # reason, is no handler failure.
-                    if conn.close_reason is None:
-                        self._handler_failed(conn, exc)
-                except Exception as exc:
+                await self._handler(conn)
+            except Exception as exc:
+                if not _own_end(conn, exc):
                     self._handler_failed(conn, exc)
-                except BaseException:
-                    if self._closing:
-                        # Shutdown cancelled the handler: still flush what it
-                        # queued (bounded by flush_timeout).
-                        with trio.CancelScope(shield=True):
-                            await conn._finish(CloseReason.SHUTDOWN)
-                    raise
-                await conn._finish(CloseReason.CLOSED_BY_HOST)
+            except BaseException as exc:
+                cancelled = exc
+                reason = CloseReason.SHUTDOWN
+                if not self._closing:
+                    # Cancelled from outside: no flush, close at once.
+                    conn._close_now(reason)
+            # Flush what the handler queued, then close: bounded, and
+            # shielded so that a shutdown's cancellation still lets it flush.
+            scope = self._cleanup_scope(options.flush_timeout)
+            try:
+                await conn._finish(reason, scope)
             finally:
-                conn._close_now(CloseReason.SHUTDOWN)  # if the handler was cancelled
-                if options.on_close is not None:
-                    with trio.CancelScope(shield=True):
+                self._cleanup_scopes.discard(scope)
+            holding_slot = False
+            self._release_slot()
+            if options.on_close is not None:
+                scope = self._cleanup_scope(math.inf)
+                try:
+                    with scope:
                         await self._call_hook(options.on_close, conn)
+                finally:
+                    self._cleanup_scopes.discard(scope)
         finally:
-            if self._slots is not None:
-                self._slots.release()
+            if holding_slot:
+                self._release_slot()
             self._tasks -= 1
             if self._tasks == 0:
                 self._all_done.set()
+        if cancelled is not None:
+            raise cancelled
+
+    def _release_slot(self) -> None:
+        self._slots_held -= 1
+        if self._slots is not None:
+            self._slots.release()
 
     def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
         logger.error("handler for %r raised", conn, exc_info=exc)
@@ -504,25 +665,67 @@ class Server:
     # -------------------------------------------------------------- shutdown
 
     async def aclose(self, grace_period: float | None = None) -> None:
-        """Shut down gracefully.
+        """Shut down gracefully; return once every handler has finished.
 
-        Stop accepting at once; give handlers ``grace_period`` seconds (default:
-        the server's ``grace_period`` option) to finish; cancel the rest; flush
-        what every connection queued (bounded by ``flush_timeout``); close
-        connections still open with :attr:`CloseReason.SHUTDOWN`.  Returns when
-        every connection is closed.
+        Stop accepting at once (clients still in the accept filter or the TLS
+        handshake are dropped); give handlers ``grace_period`` seconds
+        (default: the server's ``grace_period`` option) to finish; then cancel
+        the rest.  Every connection flushes what it queued before it closes:
+        within ``flush_timeout`` of its handler ending, and at the latest
+        ``flush_timeout`` after the grace period, when whatever still runs --
+        flushes, TLS closes, ``on_close`` hooks -- is cancelled.  So this
+        returns within ``grace_period + flush_timeout`` (unless a handler
+        ignores cancellation).  Connections closed by the shutdown end with
+        :attr:`CloseReason.SHUTDOWN`.
+
+        This only *asks* for the shutdown, which a supervisor task inside
+        :func:`serve_tcp` carries out, and then waits for it.  The wait may be
+        cancelled or abandoned (``with trio.move_on_after(...)``) and a handler
+        of this server may call it: the shutdown completes regardless.  A
+        second call waits for the same shutdown; a shorter ``grace_period``
+        shortens it.
         """
         if grace_period is None:
             grace_period = self._options.grace_period
+        elif not grace_period >= 0:
+            raise ValueError(f"grace_period must be >= 0, not {grace_period!r}")
+        deadline = trio.current_time() + grace_period
+        if deadline < self._grace_deadline:
+            self._grace_deadline = deadline
+            if self._grace_scope is not None:
+                self._grace_scope.deadline = deadline
+        self._close_requested.set()
+        await self._stopped.wait()
+
+    async def _supervise(self) -> None:
+        """Wait for :meth:`aclose` to be called, then carry the shutdown out."""
+        await self._close_requested.wait()
         self._closing = True
         self._accepting.cancel()
         self._close_listeners()
-        with trio.move_on_after(grace_period):
+        for scope in self._admission_scopes:
+            scope.cancel()
+        with trio.CancelScope(deadline=self._grace_deadline) as grace:
+            self._grace_scope = grace
             await self._all_done.wait()
+        self._grace_scope = None
+        self._hard_phase()
         if self._handlers is not None:
             self._handlers.cancel_scope.cancel()
         await self._all_done.wait()
-        self._stopped.set()
+
+    def _hard_phase(self) -> None:
+        """From now on closing work has ``flush_timeout`` seconds, no more."""
+        hard = trio.current_time() + self._options.flush_timeout
+        if hard < self._hard_deadline:
+            self._hard_deadline = hard
+            for scope in self._cleanup_scopes:
+                scope.deadline = min(scope.deadline, hard)
+
+
+def _accept_nowait(listener: socket.socket) -> tuple[socket.socket, Address]:
+    # (A function of its own so that tests can inject accept errors.)
+    return listener.accept()
 
 
 async def serve_tcp(
@@ -573,6 +776,7 @@ async def serve_tcp(
         so_sndbuf=opts.so_sndbuf,
         so_rcvbuf=opts.so_rcvbuf,
     )
+    server: Server | None = None
     try:
         async with trio.open_nursery() as own_nursery:
             server = Server(listeners, handler, opts, handler_nursery or own_nursery)
@@ -581,7 +785,13 @@ async def serve_tcp(
             await (handler_nursery or own_nursery).start(server._host_handlers)
             own_nursery.start_soon(server._accept_all)
             task_status.started(server)
-            await server._stopped.wait()
+            try:
+                await server._supervise()
+            except BaseException:
+                # Cancelled from outside: handlers are cancelled at once and
+                # close without flushing; on_close hooks get flush_timeout.
+                server._hard_phase()
+                raise
             if opts.backplane is not None:
                 await opts.backplane.flush(opts.flush_timeout)
             own_nursery.cancel_scope.cancel()
@@ -589,6 +799,8 @@ async def serve_tcp(
         for sock in listeners:
             if sock.fileno() >= 0:
                 sock.close()
+        if server is not None:
+            server._stopped.set()
 
 
 @asynccontextmanager

@@ -33,10 +33,12 @@ place that knows which close reason they mean.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from typing import Any, TypeAlias
 
 import trio
+import trio.testing
 
 from ._codec import ReceiveBuffer
 
@@ -61,11 +63,15 @@ def _scratch_view() -> memoryview:
 class Transport:
     """What a Connection needs from the bytes underneath it."""
 
-    __slots__ = ("_addresses",)
+    __slots__ = ("_addresses", "closed", "ragged_eof")
 
     def __init__(self) -> None:
         # (local, remote), looked up when first asked for (or at close).
         self._addresses: tuple[Address | None, Address | None] | None = None
+        #: Whether the stream has been closed for good (no descriptor left).
+        self.closed = False
+        #: Whether the end of stream was a TLS stream cut without close_notify.
+        self.ragged_eof = False
 
     @property
     def local_address(self) -> Address | None:
@@ -111,16 +117,31 @@ class Transport:
         """Send everything, waiting for room as needed."""
         raise NotImplementedError
 
+    @property
+    def can_send_eof(self) -> bool:
+        """Whether :meth:`send_eof` works (TLS cannot half-close)."""
+        return True
+
+    def describe(self) -> str:
+        """What the transport is, for error messages."""
+        return type(self).__name__
+
     async def send_eof(self) -> None:
         """Half-close: no more bytes will be sent."""
         raise NotImplementedError
 
     def close(self) -> bool:
-        """Close at once if that can be done without awaiting; report whether it was."""
+        """Close at once, without awaiting, as far as possible; report whether
+        the stream is now closed for good (then :attr:`closed` is set)."""
         raise NotImplementedError
 
     async def aclose(self) -> None:
-        """Close, awaiting whatever the transport needs."""
+        """Close gracefully, awaiting whatever the transport needs (a TLS
+        close_notify).  Bound it with a deadline: it may wait for the peer."""
+        raise NotImplementedError
+
+    async def aclose_forcefully(self) -> None:
+        """Close at once, sending nothing more."""
         raise NotImplementedError
 
 
@@ -211,37 +232,59 @@ class SocketTransport(Transport):
             self._get_addresses()  # still known after the close
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
+        self.closed = True
         return True
 
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
 
+    async def aclose_forcefully(self) -> None:
+        await self.aclose()
+
+
+_MEMORY_STREAMS = (trio.testing.MemorySendStream, trio.testing.MemoryReceiveStream)
+
 
 def _close_sync(stream: object) -> bool:
-    # Close a stream without awaiting, where its type allows it.
+    """Close ``stream`` without awaiting, as far as its type allows; return
+    whether it is now closed for good.
+
+    A socket stream is (its descriptor is closed); so is a TLS stream over
+    one, which holds nothing else.  A wrapper trionet does not know is not:
+    its innermost stream is closed at once where possible, so that the peer
+    sees the end and tasks blocked below wake up, but the wrapper's own
+    ``aclose`` must still run to release what it holds.
+    """
     if isinstance(stream, trio.SocketStream):
+        trio.lowlevel.notify_closing(stream.socket)
         stream.socket.close()
         return True
     if isinstance(stream, trio.SSLStream):
         return _close_sync(stream.transport_stream)
     if isinstance(stream, trio.StapledStream):
         return _close_sync(stream.send_stream) & _close_sync(stream.receive_stream)
-    close = getattr(stream, "close", None)
-    if callable(close):
-        close()
+    if isinstance(
+        stream, trio.testing.MemorySendStream | trio.testing.MemoryReceiveStream
+    ):
+        stream.close()
         return True
     inner = getattr(stream, "transport_stream", None) or getattr(stream, "stream", None)
-    return inner is not None and _close_sync(inner)
+    if inner is not None:
+        _close_sync(inner)
+    return False
 
 
 class StreamTransport(Transport):
     """Any :class:`trio.abc.Stream`: TLS, in-memory streams, wrappers."""
 
-    __slots__ = ("_stream",)
+    __slots__ = ("_require_close_notify", "_stream")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, *, require_close_notify: bool = False
+    ) -> None:
         self._stream = stream
+        self._require_close_notify = require_close_notify
         super().__init__()
 
     def _look_up_addresses(self) -> tuple[Address | None, Address | None]:
@@ -255,11 +298,21 @@ class StreamTransport(Transport):
     async def receive_into(
         self, buffer: ReceiveBuffer, into: memoryview | None = None
     ) -> int:
+        try:
+            data = await self._stream.receive_some(
+                RECEIVE_SIZE if into is None else len(into)
+            )
+        except trio.BrokenResourceError as exc:
+            if self._require_close_notify or not _is_tls_eof(exc.__cause__):
+                raise
+            # The peer closed without TLS's close_notify, as many clients
+            # do: an end of stream, unless it cut a message short (the
+            # connection checks that).
+            self.ragged_eof = True
+            return 0
         if into is None:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
             buffer.feed(data)
         else:
-            data = await self._stream.receive_some(len(into))
             into[: len(data)] = data
         return len(data)
 
@@ -269,6 +322,13 @@ class StreamTransport(Transport):
     async def send_all(self, data: bytes | memoryview) -> None:
         await self._stream.send_all(data)
 
+    @property
+    def can_send_eof(self) -> bool:
+        return isinstance(self._stream, trio.abc.HalfCloseableStream)
+
+    def describe(self) -> str:
+        return type(self._stream).__name__
+
     async def send_eof(self) -> None:
         stream = self._stream
         if not isinstance(stream, trio.abc.HalfCloseableStream):
@@ -277,12 +337,28 @@ class StreamTransport(Transport):
 
     def close(self) -> bool:
         self._get_addresses()  # still known after the close
-        return _close_sync(self._stream)
+        if _close_sync(self._stream):
+            self.closed = True
+        return self.closed
 
     async def aclose(self) -> None:
         # A graceful close (TLS sends close_notify); forceful if cancelled.
         self._get_addresses()
         await self._stream.aclose()
+        self.closed = True
+
+    async def aclose_forcefully(self) -> None:
+        self._get_addresses()
+        await trio.aclose_forcefully(self._stream)
+        self.closed = True
+
+
+def _is_tls_eof(exc: BaseException | None) -> bool:
+    # (Some OpenSSL builds report the missing close_notify by its reason
+    # string only.)
+    return isinstance(exc, ssl.SSLEOFError) or (
+        isinstance(exc, ssl.SSLError) and "UNEXPECTED_EOF" in str(exc)
+    )
 
 
 def _find_socket(stream: object) -> trio.socket.SocketType | None:

@@ -171,9 +171,10 @@ def _log_connect(conn: trionet.Connection) -> None:
 
 def _log_close(conn: trionet.Connection) -> None:
     reason = conn.close_reason.name if conn.close_reason else "?"
+    stats = conn.statistics()
     say(
         f"close {format_address(conn.remote_address)}: {reason} "
-        f"({conn.bytes_received} B in, {conn.bytes_sent} B out)"
+        f"({stats.bytes_received} B in, {stats.bytes_sent} B out)"
     )
 
 

@@ -31,6 +31,7 @@ import trio.testing
 
 from .._codec import Framing
 from .._connection import Connection
+from .._sending import QueuedSendPath, SendLimits
 from .._transport import StreamTransport
 from .._util import unwrap_single_exception
 
@@ -106,7 +107,7 @@ async def connection_pair(
     with unwrap_single_exception():
         async with trio.open_nursery() as nursery:
             second = Connection._over(
-                StreamTransport(stream), framing, writer_nursery=nursery
+                StreamTransport(stream), framing, QueuedSendPath(nursery, SendLimits())
             )
             try:
                 yield first, second

@@ -1,0 +1,405 @@
+"""The send paths of a Connection: a queue and a writer task, or a FIFO lock.
+
+How this works
+--------------
+A connection sends in one of two ways, chosen once when it is made.
+
+:class:`QueuedSendPath` -- connections a server hands to its handlers, which
+have a nursery for background tasks.  A send that finds no queue writes
+straight to the socket without waiting; whatever the kernel does not take
+goes into a :class:`SendQueue`, drained by a writer task that joins
+everything queued into as few socket writes as it can.  While the queue
+exists every send appends to it, so sends and broadcasts share one order.
+The queue exists only while there is something to write: the writer drops it
+when it finds it empty, with no ``await`` in between, so an idle connection
+holds no queue and no task.
+
+The queue is bounded twice, in messages (``send_queue_size``) and in bytes
+(``send_queue_bytes``, counting what the writer is writing right now):
+
+* ``send*`` appends while the queue is under both bounds -- so one message
+  may take it over the byte bound -- and otherwise waits, in FIFO order with
+  the other waiting senders (backpressure on that connection's senders
+  only).  The writer moves waiting messages into the queue, oldest first, as
+  room frees up, the way a trio memory channel hands over values, so a
+  sender that was woken has had its message accepted and a cancelled one
+  has not.  A wait longer than ``idle_timeout`` closes the connection with
+  TIMEOUT.
+* A broadcast never waits.  It may use ``broadcast_headroom`` bytes (and as
+  many messages again) beyond the bounds where ``send*`` waits, so a client
+  that keeps up with a streaming handler is never evicted for one notice.
+  A broadcast that would go beyond the headroom, or that finds the queue has
+  not moved for ``stall_timeout`` seconds, closes the connection with
+  SLOW_CONSUMER instead.
+
+So a connection's queue holds at most ``send_queue_bytes`` + one message +
+``broadcast_headroom`` bytes.
+
+The writer runs in a cancel scope of its own: closing the connection
+forcefully (a flush that timed out, a protocol error, an eviction) cancels
+it, even when it is stuck in a send to a peer that stopped reading -- which
+is also what frees a TLS stream's internal send lock for the close.
+
+:class:`LockedSendPath` -- clients, which have no nursery (so that exceptions
+raised in the caller's block are never wrapped in an ExceptionGroup).  Sends
+write under a FIFO lock and return once the kernel took the bytes; a send
+that waits longer than ``idle_timeout`` for the peer to read closes the
+connection with TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
+
+import attrs
+import outcome
+import trio
+
+from ._exceptions import CloseReason, ConnectionClosed
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+__all__ = [
+    "DEFAULT_BROADCAST_HEADROOM",
+    "DEFAULT_FLUSH_TIMEOUT",
+    "DEFAULT_SEND_QUEUE_BYTES",
+    "DEFAULT_SEND_QUEUE_SIZE",
+    "DEFAULT_STALL_TIMEOUT",
+    "MAX_BATCH_BYTES",
+    "LockedSendPath",
+    "QueuedSendPath",
+    "SendLimits",
+    "SendQueue",
+]
+
+#: Messages a connection's outgoing queue holds before ``send*`` waits.
+DEFAULT_SEND_QUEUE_SIZE = 256
+#: Bytes a connection's outgoing queue holds before ``send*`` waits.
+DEFAULT_SEND_QUEUE_BYTES = 1024 * 1024
+#: Bytes beyond ``send_queue_bytes`` that only broadcasts may use.
+DEFAULT_BROADCAST_HEADROOM = 1024 * 1024
+#: Seconds a queue may go without any byte written before a broadcast
+#: treats its connection as a slow consumer.
+DEFAULT_STALL_TIMEOUT = 10.0
+#: Seconds that closing waits for queued bytes to reach the kernel (and for a
+#: TLS close to be sent).
+DEFAULT_FLUSH_TIMEOUT = 5.0
+#: The most bytes one write of the writer task joins together.
+MAX_BATCH_BYTES = 256 * 1024
+
+_TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+logger = logging.getLogger("trionet")
+
+
+@attrs.frozen
+class SendLimits:
+    """The bounds of a connection's send path (one object shared by every
+    connection of a server)."""
+
+    queue_size: int = DEFAULT_SEND_QUEUE_SIZE
+    queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES
+    broadcast_headroom: int = DEFAULT_BROADCAST_HEADROOM
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
+
+
+DEFAULT_LIMITS = SendLimits()
+
+
+class SendQueue:
+    """Bytes accepted for sending and not yet written, with their bounds'
+    bookkeeping.  Exists only while its writer task runs."""
+
+    __slots__ = (
+        "closed",
+        "drained",
+        "in_flight",
+        "items",
+        "last_progress",
+        "nbytes",
+        "scope",
+        "waiting",
+    )
+
+    def __init__(self) -> None:
+        self.items: deque[bytes | memoryview] = deque()
+        #: Bytes queued plus bytes the writer is writing now.
+        self.nbytes = 0
+        #: Messages (or parts) the writer is writing now.
+        self.in_flight = 0
+        #: Senders waiting for room, oldest first, with their message.
+        self.waiting: OrderedDict[trio.lowlevel.Task, bytes] = OrderedDict()
+        #: Set once the queue is gone: everything written, or closed.
+        self.drained = trio.Event()
+        #: The writer's cancel scope (None until the writer first runs).
+        self.scope: trio.CancelScope | None = None
+        #: When the writer last finished a write (or the queue was made).
+        self.last_progress = trio.current_time()
+        self.closed = False
+
+    def append(self, data: bytes | memoryview) -> None:
+        self.items.append(data)
+        self.nbytes += len(data)
+
+    @property
+    def messages(self) -> int:
+        """Messages queued or being written."""
+        return len(self.items) + self.in_flight
+
+    def has_room(self, limits: SendLimits) -> bool:
+        return (
+            self.nbytes < limits.queue_bytes
+            and len(self.items) + self.in_flight < limits.queue_size
+        )
+
+    def admit_waiting(self, limits: SendLimits) -> None:
+        """Move waiting senders' messages into the queue, oldest first, while
+        there is room, and wake those senders."""
+        waiting = self.waiting
+        while waiting and self.has_room(limits):
+            task, data = waiting.popitem(last=False)
+            self.append(data)
+            trio.lowlevel.reschedule(task)
+
+    def close(self, error: ConnectionClosed) -> None:
+        """Stop the writer and fail every waiting sender with ``error``."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.scope is not None:
+            self.scope.cancel()
+        waiting = self.waiting
+        while waiting:
+            task, _ = waiting.popitem(last=False)
+            trio.lowlevel.reschedule(task, outcome.Error(error))
+        self.drained.set()
+
+    def stalled(self, limits: SendLimits) -> bool:
+        return trio.current_time() - self.last_progress > limits.stall_timeout
+
+
+class QueuedSendPath:
+    """Sends through a :class:`SendQueue` drained by a writer task in
+    ``nursery`` (shared by every connection of a server)."""
+
+    __slots__ = ("limits", "nursery")
+
+    def __init__(self, nursery: trio.Nursery, limits: SendLimits) -> None:
+        self.nursery = nursery
+        self.limits = limits
+
+    def try_push(self, conn: Connection, data: bytes) -> bool:
+        """Hand ``data`` on without waiting: cork, queue, or straight to the
+        kernel.  False when the caller must wait for room in the queue.
+
+        Raises:
+            ConnectionClosed: sending is over, or the transport failed.
+        """
+        if conn._send_closed:
+            raise conn._closed_error()
+        cork = conn._cork
+        if cork is not None:
+            cork.append(data)
+            conn._cork_bytes += len(data)
+            if conn._cork_bytes >= MAX_BATCH_BYTES:
+                conn._uncork()
+            return True
+        queue = conn._queue
+        if queue is not None:
+            if queue.waiting or not queue.has_room(self.limits):
+                return False
+            queue.append(data)
+            return True
+        if conn._ready or conn._receive_buffer:
+            # More input is already here, so the handler is about to send
+            # again: hold this back and send the whole batch at once, before
+            # the next wait for input or as soon as this task yields.
+            conn._cork = [data]
+            conn._cork_bytes = len(data)
+            trio.lowlevel.current_trio_token().run_sync_soon(conn._uncork_soon)
+            return True
+        self.write_or_queue(conn, data)
+        return True
+
+    async def send_slow(self, conn: Connection, data: bytes) -> None:
+        """Wait for room in the queue (backpressure), at most ``idle_timeout``."""
+        queue = conn._queue
+        assert queue is not None
+        deadline = math.inf
+        if conn.idle_timeout is not None:
+            deadline = trio.current_time() + conn.idle_timeout
+        await self.wait_for_room(conn, queue, data, deadline)
+
+    def write_or_queue(self, conn: Connection, data: bytes) -> None:
+        """Write now what the kernel takes; queue the rest for a writer task."""
+        queue = conn._queue
+        if queue is not None:  # (already accepted: not subject to the bounds)
+            queue.append(data)
+            return
+        try:
+            sent = conn._transport.send_nowait(data)
+        except _TRANSPORT_ERRORS as exc:
+            raise conn._broken(exc) from exc
+        conn._bytes_sent += sent
+        if sent < len(data):
+            queue = conn._queue = SendQueue()
+            queue.append(memoryview(data)[sent:] if sent else data)
+            self.nursery.start_soon(self._writer, conn, queue)
+
+    def offer(self, conn: Connection, data: bytes) -> bool:
+        """Queue ``data`` for a broadcast, never waiting; evict instead."""
+        if conn._send_closed:
+            return False
+        queue = conn._queue
+        if queue is None:
+            try:
+                return self.try_push(conn, data)
+            except ConnectionClosed:
+                return False
+        limits = self.limits
+        if queue.nbytes + len(data) > limits.queue_bytes + limits.broadcast_headroom:
+            why = "over its broadcast headroom"
+        elif queue.messages >= 2 * limits.queue_size:
+            why = "over twice send_queue_size messages"
+        elif queue.stalled(limits):
+            why = f"no byte written for {limits.stall_timeout} s"
+        else:
+            queue.append(data)
+            return True
+        logger.info(
+            "%r: outgoing queue %s (%d bytes queued); closing as slow consumer",
+            conn,
+            why,
+            queue.nbytes,
+        )
+        conn._close_now(CloseReason.SLOW_CONSUMER)
+        return False
+
+    async def _writer(self, conn: Connection, queue: SendQueue) -> None:
+        limits = self.limits
+        transport = conn._transport
+        items = queue.items
+        try:
+            with trio.CancelScope() as scope:
+                queue.scope = scope
+                if queue.closed:
+                    return
+                while items:
+                    batch: list[bytes | memoryview] = []
+                    size = 0
+                    while items and size < MAX_BATCH_BYTES:
+                        item = items.popleft()
+                        if size + len(item) > MAX_BATCH_BYTES and len(item) > (
+                            MAX_BATCH_BYTES
+                        ):
+                            # Write a large message in parts, so that progress
+                            # (last_progress) is seen at least every part.
+                            view = memoryview(item)
+                            cut = MAX_BATCH_BYTES - size
+                            items.appendleft(view[cut:])
+                            item = view[:cut]
+                        batch.append(item)
+                        size += len(item)
+                    data = batch[0] if len(batch) == 1 else b"".join(batch)
+                    queue.in_flight = len(batch)
+                    try:
+                        await transport.send_all(data)
+                    except _TRANSPORT_ERRORS as exc:
+                        conn._broken(exc)
+                        return
+                    conn._bytes_sent += size
+                    queue.in_flight = 0
+                    queue.nbytes -= size
+                    queue.last_progress = trio.current_time()
+                    queue.admit_waiting(limits)
+        finally:
+            # No await between finding the queue empty and dropping it: the
+            # next send sees no queue and writes directly, in order.
+            if conn._queue is queue:
+                conn._queue = None
+            if not items:
+                queue.drained.set()
+            elif not queue.closed:
+                # Cancelled from outside (the server's nursery is ending):
+                # what is left cannot be sent.
+                conn._close_now(CloseReason.SHUTDOWN)
+
+    async def wait_for_room(
+        self, conn: Connection, queue: SendQueue, data: bytes, deadline: float
+    ) -> None:
+        """Wait until the writer has moved ``data`` into ``queue`` (FIFO with
+        other waiting senders); close with TIMEOUT at ``deadline``."""
+        task = trio.lowlevel.current_task()
+        queue.waiting[task] = data
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            queue.waiting.pop(task, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with trio.move_on_at(deadline) as scope:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        if scope.cancelled_caught:
+            conn._close_now(CloseReason.TIMEOUT)
+            raise conn._closed_error()
+
+
+class LockedSendPath:
+    """Sends under a FIFO lock (connections with no nursery: clients)."""
+
+    __slots__ = ("limits",)
+
+    def __init__(self, limits: SendLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+
+    def try_push(self, conn: Connection, data: bytes) -> bool:
+        if conn._send_closed:
+            raise conn._closed_error()
+        return False
+
+    async def send_slow(self, conn: Connection, data: bytes) -> None:
+        """Send under the lock; return once the kernel took every byte."""
+        lock = conn._lock()
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            if conn._send_closed:
+                raise conn._closed_error()
+            transport = conn._transport
+            try:
+                sent = transport.send_nowait(data)
+                if sent < len(data):
+                    await self._send_rest(
+                        conn, memoryview(data)[sent:] if sent else data
+                    )
+            except _TRANSPORT_ERRORS as exc:
+                raise conn._broken(exc) from exc
+            conn._bytes_sent += len(data)
+        finally:
+            lock.release()
+
+    async def _send_rest(self, conn: Connection, data: bytes | memoryview) -> None:
+        deadline = math.inf
+        if conn.idle_timeout is not None:
+            deadline = trio.current_time() + conn.idle_timeout
+        try:
+            with trio.move_on_at(deadline) as scope:
+                await conn._transport.send_all(data)
+        except trio.Cancelled:
+            # Part of a message may be on the wire: the stream can no longer
+            # be trusted, so end it rather than let the peer decode garbage.
+            conn._close_now(CloseReason.ERROR)
+            raise
+        if scope.cancelled_caught:
+            # The peer read nothing for idle_timeout.
+            conn._close_now(CloseReason.TIMEOUT)
+            raise conn._closed_error()
+
+
+LOCKED = LockedSendPath()
