@@ -142,19 +142,20 @@ class Connection:
     **States.**  Each direction finishes on its own; :attr:`close_reason` is
     set once, when the connection is closed:
 
-    ================  ======================  ====================  ============
-    state             receiving               sending               close_reason
-    ================  ======================  ====================  ============
-    open              works                   works                 None
-    peer finished     buffered messages, then works                 None
-    (eof_received)    end of stream
-    we finished       works                   raises                None
+    ==============  ========================  =====================  ==========
+    state           receiving                 sending                close
+                                                                     reason
+    ==============  ========================  =====================  ==========
+    open            works                     works                  None
+    peer finished   buffered messages, then   works                  None
+    (eof_received)  end of stream
+    we finished     works                     raises                 None
     (eof_sent)                                ConnectionClosed
-    flushing          works until closed      raises                None
-    (aclose running)                          ConnectionClosed
-    closed            raises ConnectionClosed raises                set
+    flushing        works until closed        raises                 None
+    (aclose runs)                             ConnectionClosed
+    closed          raises ConnectionClosed   raises                 set
                                               ConnectionClosed
-    ================  ======================  ====================  ============
+    ==============  ========================  =====================  ==========
 
     Transitions: the peer's end of stream (open → peer finished);
     :meth:`send_eof` (open → we finished); :meth:`aclose` or a server
