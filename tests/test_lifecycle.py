@@ -34,13 +34,8 @@ if sys.version_info < (3, 11):  # pragma: no cover
 CHUNK = 64 * 1024
 
 
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait until ``predicate()`` holds, checking whenever every task is blocked."""
-    for _ in range(10_000):
-        if predicate():
-            return
-        await trio.testing.wait_all_tasks_blocked()
-    raise AssertionError("the condition never held")
+async def noop(conn: trionet.Connection) -> None:
+    """A handler that returns at once."""
 
 
 async def tls_client_that_never_reads(
@@ -126,6 +121,8 @@ async def test_tls_handler_that_returns_releases_its_slot_within_flush_timeout(
     client_context: ssl.SSLContext,
 ) -> None:
     returned_at: list[float] = []
+    handler_returned = trio.Event()
+    slot_released = trio.Event()
 
     async def flood_and_return(conn: trionet.Connection) -> None:
         if returned_at:
@@ -134,6 +131,11 @@ async def test_tls_handler_that_returns_releases_its_slot_within_flush_timeout(
         for _ in range(128):
             await conn.send(b"x" * CHUNK)
         returned_at.append(trio.current_time())
+        handler_returned.set()
+
+    def on_close(conn: trionet.Connection) -> None:
+        # on_close runs once the connection's slot has been let go.
+        slot_released.set()
 
     with trio.fail_after(60):
         async with serving(
@@ -143,17 +145,16 @@ async def test_tls_handler_that_returns_releases_its_slot_within_flush_timeout(
             so_sndbuf=4096,
             send_queue_bytes=16 * 1024 * 1024,
             max_connections=1,
+            on_close=on_close,
         ) as (server, _):
             stuck = await tls_client_that_never_reads(server.port, client_context)
-            while not returned_at:
-                # The handler queues its last sends; the slot stays held and
-                # counted while its connection flushes.
-                assert server.stats.open == 1
-                await trio.sleep(0.01)
-            while server.stats.open:
-                await trio.sleep(0.01)
+            await handler_returned.wait()
+            # The connection flushes: its slot is still held, and counted.
+            assert server.stats.open == 1
+            await slot_released.wait()
             released = trio.current_time() - returned_at[0]
             assert released <= 1.0 + 0.05
+            assert server.stats.open == 0
             assert server.stats.closed == {CloseReason.TIMEOUT: 1}
             # The slot is free: another client is served.
             async with await trionet.connect_tcp(
@@ -191,8 +192,10 @@ async def test_aclose_cut_short_still_completes_the_shutdown(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     cancelled = trio.Event()
+    running = trio.Event()
 
     async def stubborn(conn: trionet.Connection) -> None:
+        running.set()
         try:
             await trio.sleep_forever()
         finally:
@@ -201,8 +204,7 @@ async def test_aclose_cut_short_still_completes_the_shutdown(
     with trio.fail_after(60):
         async with serving(stubborn, grace_period=5) as (server, returned):
             client = await trionet.connect_tcp("127.0.0.1", server.port)
-            while not server.connections:
-                await trio.sleep(0.01)
+            await running.wait()
             with trio.move_on_after(0.1):
                 await server.aclose()
             assert not returned.is_set()  # only the wait was abandoned
@@ -215,14 +217,16 @@ async def test_aclose_cut_short_still_completes_the_shutdown(
 async def test_a_second_aclose_with_a_shorter_grace_period_shortens_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    running = trio.Event()
+
     async def stubborn(conn: trionet.Connection) -> None:
+        running.set()
         await trio.sleep_forever()
 
     with trio.fail_after(60):
         async with serving(stubborn) as (server, returned):
             client = await trionet.connect_tcp("127.0.0.1", server.port)
-            while not server.connections:
-                await trio.sleep(0.01)
+            await running.wait()
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(server.aclose, grace_period=30))
@@ -234,7 +238,7 @@ async def test_a_second_aclose_with_a_shorter_grace_period_shortens_it(
 
 
 async def test_grace_period_must_not_be_negative() -> None:
-    async with trionet.open_tcp_server(lambda conn: trio.sleep(0)) as server:
+    async with trionet.open_tcp_server(noop) as server:
         with pytest.raises(ValueError, match="grace_period"):
             await server.aclose(grace_period=-1)
 
@@ -251,7 +255,7 @@ async def test_shutdown_closes_clients_still_in_the_accept_filter() -> None:
         raise AssertionError("not reached")
 
     with trio.fail_after(10):
-        async with serving(lambda conn: trio.sleep(0), accept=slow_filter) as (
+        async with serving(noop, accept=slow_filter) as (
             server,
             returned,
         ):
@@ -272,9 +276,10 @@ async def test_silent_tls_handshakers_hold_slots_and_show_in_the_stats(
     server_context: ssl.SSLContext,
 ) -> None:
     with trio.fail_after(10):
-        async with serving(
-            lambda conn: trio.sleep(0), ssl_context=server_context, max_connections=5
-        ) as (server, returned):
+        async with serving(noop, ssl_context=server_context, max_connections=5) as (
+            server,
+            _,
+        ):
             silent = []
             for _ in range(5):
                 silent.append(await trio.open_tcp_stream("127.0.0.1", server.port))
@@ -294,7 +299,7 @@ async def test_cancelling_serve_tcp_closes_sockets_in_the_handshake(
     server_context: ssl.SSLContext,
 ) -> None:
     with trio.fail_after(10):
-        async with serving(lambda conn: trio.sleep(0), ssl_context=server_context) as (
+        async with serving(noop, ssl_context=server_context) as (
             server,
             returned,
         ):
@@ -421,9 +426,7 @@ async def test_sending_after_send_eof_raises_and_receiving_still_works() -> None
 async def test_send_eof_over_tls_is_refused_clearly(
     server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
-    async with trionet.open_tcp_server(
-        lambda conn: trio.sleep(0), ssl_context=server_context
-    ) as server:
+    async with trionet.open_tcp_server(noop, ssl_context=server_context) as server:
         async with trionet.connect_tcp(
             "127.0.0.1",
             server.port,
@@ -450,9 +453,10 @@ async def test_a_slow_on_close_hook_cannot_hold_aclose(
             hook_cancelled.set()
 
     with trio.fail_after(60):
-        async with serving(
-            lambda conn: trio.sleep(0), on_close=slow_hook, flush_timeout=2
-        ) as (server, returned):
+        async with serving(noop, on_close=slow_hook, flush_timeout=2) as (
+            server,
+            returned,
+        ):
             async with trionet.connect_tcp("127.0.0.1", server.port) as client:
                 assert await client.receive_some() == b""
             start = trio.current_time()
@@ -504,8 +508,6 @@ async def test_broadcast_never_evicts_a_client_that_drains_its_queue(
 
 
 async def test_broadcast_still_evicts_a_client_that_never_reads() -> None:
-    blocked = trio.Event()
-
     async def idle(conn: trionet.Connection) -> None:
         await trio.sleep_forever()
 
@@ -519,23 +521,24 @@ async def test_broadcast_still_evicts_a_client_that_never_reads() -> None:
             while not server.connections:
                 await trio.testing.wait_all_tasks_blocked()
             conn = server.connections[0]
-            for count in range(1, 10_000):
+            for _ in range(10_000):
                 await server.broadcast(b"b" * 1024)
                 queued = conn.statistics().queued_bytes
                 # Never over the bound: send_queue_bytes + headroom.
                 assert queued <= 2 * CHUNK
                 if conn.close_reason is not None:
                     break
-            blocked.set()
             assert conn.close_reason is CloseReason.SLOW_CONSUMER
-            assert count < 10_000
             sock.close()
 
 
 async def test_a_stalled_queue_is_evicted_by_the_next_broadcast(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    running = trio.Event()
+
     async def idle(conn: trionet.Connection) -> None:
+        running.set()
         await trio.sleep_forever()
 
     with trio.fail_after(60):
@@ -543,8 +546,7 @@ async def test_a_stalled_queue_is_evicted_by_the_next_broadcast(
             sock = trio.socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await sock.connect(("127.0.0.1", server.port))
-            while not server.connections:
-                await trio.sleep(0.01)
+            await running.wait()
             conn = server.connections[0]
             while not conn.statistics().queued_bytes:
                 await server.broadcast(b"b" * 1024)
@@ -624,11 +626,7 @@ async def test_an_unexpected_accept_error_still_escapes(
     monkeypatch.setattr(trionet._server, "_accept_nowait", broken)
     with trio.fail_after(10), pytest.RaisesGroup(OSError, flatten_subgroups=True):
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                partial(
-                    trionet.serve_tcp, lambda conn: trio.sleep(0), 0, host="127.0.0.1"
-                )
-            )
+            await nursery.start(partial(trionet.serve_tcp, noop, 0, host="127.0.0.1"))
 
 
 # -------------------------------------- 11. own nursery ending is no failure
@@ -809,6 +807,8 @@ async def test_a_reply_cut_short_by_shutdown_after_the_peer_eof_is_shutdown(
 async def test_flush_timeout_after_the_peer_eof_is_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    closed = trio.Event()
+
     async def flood_after_eof(conn: trionet.Connection) -> None:
         async for _ in conn:
             pass
@@ -822,13 +822,13 @@ async def test_flush_timeout_after_the_peer_eof_is_timeout(
             so_sndbuf=4096,
             flush_timeout=1,
             send_queue_bytes=8 * 1024 * 1024,
+            on_close=lambda conn: closed.set(),
         ) as (server, _):
             sock = trio.socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await sock.connect(("127.0.0.1", server.port))
             sock.shutdown(socket.SHUT_WR)
-            while not server.stats.closed:
-                await trio.sleep(0.1)
+            await closed.wait()
             sock.close()
     # The peer finished first, but our side was cut short: not CLOSED_BY_PEER.
     assert server.stats.closed == {CloseReason.TIMEOUT: 1}
