@@ -133,10 +133,7 @@ async def run_load(spec: LoadSpec, progress: Progress | None = None) -> LoadResu
                     nursery.start_soon(_report_progress, run, progress)
                 async with trio.open_nursery() as workers:
                     for resource in opened:
-                        if isinstance(resource, trionet.Datagram):
-                            workers.start_soon(udp_endpoint, run, resource)
-                        else:
-                            workers.start_soon(tcp_connection, run, resource)
+                        workers.start_soon(_load_one, run, resource)
                 run.finished = trio.current_time()
                 nursery.cancel_scope.cancel()
     if run.started is None:
@@ -155,6 +152,15 @@ async def run_load(spec: LoadSpec, progress: Progress | None = None) -> LoadResu
         elapsed=run.finished - run.started,
         latency=run.latency,
     )
+
+
+async def _load_one(run: LoadState, resource: Opened) -> None:
+    """Load one connection or endpoint until the run is over or it fails."""
+    if isinstance(resource, trionet.Datagram):
+        await udp_endpoint(run, resource)
+    else:
+        await tcp_connection(run, resource)
+    run.ended += 1
 
 
 async def _report_progress(run: LoadState, progress: Progress) -> None:

@@ -141,3 +141,13 @@ class LoadWorker:
         except CONNECTION_ERRORS as exc:
             self.fail(exc)
             scope.cancel()
+
+    async def run_pair(
+        self,
+        receive: Callable[[], Awaitable[None]],
+        send: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Run a receiver and a sender together; the first failure ends both."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.guard, nursery.cancel_scope, receive)
+            nursery.start_soon(self.guard, nursery.cancel_scope, send)

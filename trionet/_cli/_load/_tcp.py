@@ -41,7 +41,6 @@ async def tcp_connection(run: LoadState, conn: trionet.Connection) -> None:
             await worker.guard(trio.CancelScope(), partial(_ping_pong, worker, conn))
         else:
             await _pipelined(worker, conn)
-    run.ended += 1
 
 
 async def _ping_pong(worker: LoadWorker, conn: trionet.Connection) -> None:
@@ -127,6 +126,4 @@ async def _pipelined(worker: LoadWorker, conn: trionet.Connection) -> None:
                 if len(batch) < taken:
                     return
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(worker.guard, nursery.cancel_scope, receive)
-        nursery.start_soon(worker.guard, nursery.cancel_scope, send)
+    await worker.run_pair(receive, send)

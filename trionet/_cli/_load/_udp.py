@@ -103,10 +103,8 @@ async def udp_endpoint(run: LoadState, endpoint: trionet.Datagram) -> None:
                     item.send_failed = True
                     run.count_error(exc)
 
-    async with endpoint, trio.open_nursery() as nursery:
-        nursery.start_soon(worker.guard, nursery.cancel_scope, receive)
-        nursery.start_soon(worker.guard, nursery.cancel_scope, send)
-    run.ended += 1
+    async with endpoint:
+        await worker.run_pair(receive, send)
 
 
 async def open_udp(spec: LoadSpec, stack: AsyncExitStack) -> trionet.Datagram:
