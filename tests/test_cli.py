@@ -8,6 +8,7 @@ parsers are also tested in-process.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -26,17 +27,19 @@ import attrs
 import pytest
 import trio
 import trustme
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import trionet
 from trionet._cli._common import (
     parse_duration,
+    parse_host,
     parse_host_port,
     parse_rate,
 )
 from trionet._cli._histogram import LogLinearHistogram
-from trionet._cli._load import message_maker
+from trionet._cli._load import LoadSpec, message_maker
+from trionet._util import format_address
 
 #: Seconds any one child process may run.
 CHILD_TIMEOUT = 30.0
@@ -120,7 +123,7 @@ async def echo_server(tmp_path: Path, *args: str) -> AsyncIterator[EchoProcess]:
                 assert chunk, f"echo exited early: {stderr_path.read_text()}"
                 output += chunk
         line = output.decode().splitlines()[0]
-        match = re.match(r"listening on 127\.0\.0\.1:(\d+) \(", line)
+        match = re.match(r"listening on (?:127\.0\.0\.1|\[::1\]):(\d+) \(", line)
         assert match, line
         yield EchoProcess(process, int(match.group(1)), line, stderr_path)
     finally:
@@ -307,6 +310,52 @@ async def test_tls_echo(tmp_path: Path) -> None:
         assert await echo.stop() == 0
 
 
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (not in every container)."""
+    if not socket.has_ipv6:  # pragma: no cover
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:  # pragma: no cover
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+
+
+@needs_ipv6
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+async def test_ipv6_addresses_print_in_brackets(tmp_path: Path, host: str) -> None:
+    async with echo_server(tmp_path, "--host", host, "--verbose") as echo:
+        assert echo.first_line.startswith(f"listening on [::1]:{echo.port} (")
+        result = await run_async(
+            "load", f"[::1]:{echo.port}", "-c", "2", "-n", "10", "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        table = await run_async("load", f"[::1]:{echo.port}", "-c", "1", "-n", "5")
+        assert table.returncode == 0, table.stderr
+        assert await echo.stop() == 0
+    assert load_json(result)["target"] == f"[::1]:{echo.port}"
+    assert table.stdout.decode().startswith(f"trionet load [::1]:{echo.port}: tcp")
+    log = echo.stderr()
+    assert re.search(r"^connect \[::1\]:\d+$", log, re.MULTILINE), log
+    assert re.search(r"^close \[::1\]:\d+: CLOSED_BY_PEER", log, re.MULTILINE), log
+
+
+@needs_ipv6
+def test_ipv6_addresses_in_errors_are_bracketed() -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as busy:
+        busy.bind(("::1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        listen = run_sync("echo", "--host", "::1", "--port", str(port))
+    assert_one_line_error(listen, 1, f"cannot listen on [::1]:{port}: ")
+    connect = run_sync("load", f"[::1]:{port}", "-c", "1")
+    assert_one_line_error(connect, 1, f"cannot connect to [::1]:{port}: ")
+
+
 # ------------------------------------------------------ signals, shutdown
 
 
@@ -427,7 +476,7 @@ def test_echo_workers_on_a_port_in_use_fail_at_once() -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = run_sync("echo", "--workers", "3", "--port", str(port))
-    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1 port {port}")
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}: ")
 
 
 async def test_a_worker_that_cannot_listen_reports_the_error() -> None:
@@ -451,7 +500,7 @@ async def test_a_worker_that_cannot_listen_reports_the_error() -> None:
         # Returns (so the pool does not restart it) with the error for the parent.
         await _echo._worker_main(worker, options, port)
     assert worker.last_report is not None
-    assert f"cannot listen on 127.0.0.1 port {port}" in worker.last_report["error"]
+    assert f"cannot listen on 127.0.0.1:{port}: " in worker.last_report["error"]
 
 
 @needs_posix
@@ -467,12 +516,12 @@ async def test_the_parent_stops_the_pool_on_a_worker_error(
     assert capsys.readouterr().out == ""  # not every worker serves yet
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         # run_workers stops every worker on this process's own SIGTERM.
-        view.on_report(1, {"error": "cannot listen on 127.0.0.1 port 9: boom"})
+        view.on_report(1, {"error": "cannot listen on 127.0.0.1:9: boom"})
         with trio.fail_after(CHILD_TIMEOUT):
             async for signum in signals:
                 assert signum == signal.SIGTERM
                 break
-    assert view.error == "cannot listen on 127.0.0.1 port 9: boom"
+    assert view.error == "cannot listen on 127.0.0.1:9: boom"
 
 
 @needs_posix
@@ -745,6 +794,7 @@ def assert_one_line_error(
         (("load", "127.0.0.1:9", "--rate", "fast"), ["not a rate"]),
         (("load", "127.0.0.1:9", "--pipeline", "-1"), ["--pipeline"]),
         (("load", "127.0.0.1:9", "--udp", "--framing", "line"), ["--udp"]),
+        (("echo", "--host", "[::1"), ["malformed host '[::1'"]),
         (("echo", "--port", "99999"), ["0..65535"]),
         (("echo", "--tls-cert", "c.pem"), ["--tls-cert and --tls-key go together"]),
         (("echo", "--udp", "--framing", "line"), ["--framing does not apply"]),
@@ -798,7 +848,7 @@ def test_port_in_use_is_a_runtime_error() -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = run_sync("echo", "--port", str(port))
-    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1 port {port}")
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}: ")
 
 
 def test_help_and_version() -> None:
@@ -1060,3 +1110,28 @@ def test_parse_duration(text: str, seconds: float) -> None:
 @pytest.mark.parametrize(("text", "rate"), [("1000", 1000.0), ("2.5/s", 2.5)])
 def test_parse_rate(text: str, rate: float) -> None:
     assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize(
+    ("text", "host"),
+    [("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("[::1]", "::1"), ("", "")],
+)
+def test_parse_host_takes_brackets_off(text: str, host: str) -> None:
+    assert parse_host(text) == host
+
+
+@example("host:²")  # a digit to str.isdigit, not to int()
+@given(st.text(max_size=40))
+def test_parse_host_port_accepts_or_refuses_clearly(text: str) -> None:
+    try:
+        host, port = parse_host_port(text)
+    except argparse.ArgumentTypeError as exc:
+        assert "malformed address" in str(exc)
+    else:
+        assert host and 1 <= port <= 65535
+        assert parse_host_port(format_address((host, port))) == (host, port)
+
+
+def test_load_target_puts_ipv6_in_brackets() -> None:
+    assert LoadSpec(host="::1", port=8000).target == "[::1]:8000"
+    assert LoadSpec(host="127.0.0.1", port=8000).target == "127.0.0.1:8000"

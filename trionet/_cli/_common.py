@@ -17,6 +17,7 @@ __all__ = [
     "UsageError",
     "format_address",
     "parse_duration",
+    "parse_host",
     "parse_host_port",
     "parse_rate",
     "say",
@@ -70,6 +71,18 @@ def parse_port(text: str) -> int:
     return port
 
 
+def parse_host(text: str) -> str:
+    """A host name or address; an IPv6 address may come in brackets (``[::1]``)."""
+    if text.startswith("[") or text.endswith("]"):
+        if not (text.startswith("[") and text.endswith("]")) or len(text) < 3:
+            raise argparse.ArgumentTypeError(
+                f"malformed host {text!r}: expected an IPv6 address in brackets, "
+                "e.g. [::1]"
+            )
+        return text[1:-1]
+    return text
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPV6]:PORT`` as ``(host, port)``; port in 1..65535."""
     if text.startswith("["):
@@ -92,7 +105,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
             )
     if not host:
         raise argparse.ArgumentTypeError(f"malformed address {text!r}: no host")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    digits = port_text.isascii() and port_text.isdigit()  # not "²" or "٣"
+    if not digits or not 1 <= int(port_text) <= 65535:
         raise argparse.ArgumentTypeError(
             f"malformed address {text!r}: the port must be a number in 1..65535"
         )

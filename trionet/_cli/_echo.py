@@ -35,6 +35,7 @@ from ._common import (
     UsageError,
     format_address,
     non_negative_float,
+    parse_host,
     parse_port,
     positive_int,
     say,
@@ -62,7 +63,10 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         ),
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (127.0.0.1)"
+        "--host",
+        type=parse_host,
+        default="127.0.0.1",
+        help="address to listen on; IPv6 with or without brackets (127.0.0.1)",
     )
     parser.add_argument(
         "--port", type=parse_port, default=0, help="port; 0 picks a free one (0)"
@@ -245,9 +249,8 @@ async def _start_server(
 
 
 def _cannot_listen(options: _Options, port: int, exc: OSError) -> CliError:
-    return CliError(
-        f"cannot listen on {options.host} port {port}: {exc.strerror or exc}"
-    )
+    where = format_address((options.host, port))
+    return CliError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 async def _serve(options: _Options, context: ssl.SSLContext | None) -> int:

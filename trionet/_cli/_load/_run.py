@@ -94,7 +94,9 @@ async def _open_all(
     try:
         first = await opener(spec, stack)
     except OSError as exc:  # ConnectError (it names the OS's reason), or a UDP bind
-        raise CliError(str(exc)) from exc
+        # connect_tcp writes the address as host:port; ours brackets IPv6.
+        message = str(exc).replace(f"{spec.host}:{spec.port}", spec.target, 1)
+        raise CliError(message) from exc
     if isinstance(first, trionet.Datagram):
         await probe_udp(spec, first)
     opened: list[Opened] = [first]

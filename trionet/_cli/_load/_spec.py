@@ -11,6 +11,7 @@ import trionet
 from .._common import (
     Parser,
     UsageError,
+    format_address,
     parse_duration,
     parse_host_port,
     parse_rate,
@@ -87,9 +88,8 @@ class LoadSpec:
 
     @property
     def target(self) -> str:
-        """The server's address as HOST:PORT."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        """The server's address as HOST:PORT (an IPv6 host in brackets)."""
+        return format_address((self.host, self.port))
 
 
 # ------------------------------------------------------------------ checks
