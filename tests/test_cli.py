@@ -19,7 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -794,7 +794,19 @@ def assert_one_line_error(
         (("load", "127.0.0.1:9", "--rate", "fast"), ["not a rate"]),
         (("load", "127.0.0.1:9", "--pipeline", "-1"), ["--pipeline"]),
         (("load", "127.0.0.1:9", "--udp", "--framing", "line"), ["--udp"]),
+        (("load", "127.0.0.1:9", "-d", "-5s"), ["duration must be positive: -5s"]),
+        (("load", "127.0.0.1:9", "--duration", "-5"), ["must be positive: -5"]),
+        (("load", "127.0.0.1:9", "-d", "0ms"), ["duration must be positive: 0ms"]),
+        (("load", "127.0.0.1:9", "-d", "-.5s"), ["must be positive: -.5s"]),
+        (("load", "127.0.0.1:9", "--rate", "-5/s"), ["rate must be positive: -5/s"]),
+        (("load", "127.0.0.1:9", "--rate", "0"), ["rate must be positive: 0"]),
+        (("load", "127.0.0.1:9", "--timeout", "-1"), ["--timeout", "above 0"]),
+        (("load", "127.0.0.1:9", "--time-limit", "-2.5"), ["above 0, not -2.5"]),
+        (("load", "127.0.0.1:9", "-c", "-3"), ["--connections", "at least 1"]),
+        (("echo", "--grace-period", "-1"), ["--grace-period", "0 or more"]),
         (("echo", "--host", "[::1"), ["malformed host '[::1'"]),
+        (("load", "127.0.0.1:9", "-d"), ["expected one argument"]),
+        (("load", "127.0.0.1:9", "-d", "--json"), ["expected one argument"]),
         (("echo", "--port", "99999"), ["0..65535"]),
         (("echo", "--tls-cert", "c.pem"), ["--tls-cert and --tls-key go together"]),
         (("echo", "--udp", "--framing", "line"), ["--framing does not apply"]),
@@ -1110,6 +1122,54 @@ def test_parse_duration(text: str, seconds: float) -> None:
 @pytest.mark.parametrize(("text", "rate"), [("1000", 1000.0), ("2.5/s", 2.5)])
 def test_parse_rate(text: str, rate: float) -> None:
     assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "message"),
+    [
+        (parse_duration, "-5s", "duration must be positive: -5s"),
+        (parse_duration, "0", "duration must be positive: 0"),
+        (parse_duration, "9" * 400, "duration too long: 999"),
+        (parse_duration, "5 parsecs", "not a duration: '5 parsecs'"),
+        (parse_rate, "-1000/s", "rate must be positive: -1000/s"),
+        (parse_rate, "0/s", "rate must be positive: 0/s"),
+        (parse_rate, "1/m", "not a rate: '1/m'"),
+    ],
+)
+def test_parse_errors_say_what_is_wrong(
+    parse: Callable[[str], float], text: str, message: str
+) -> None:
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        parse(text)
+    assert str(info.value).startswith(message)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=30))
+def test_duration_and_rate_parsers_accept_or_refuse_clearly(text: str) -> None:
+    for parse in (parse_duration, parse_rate):
+        try:
+            value = parse(text)
+        except argparse.ArgumentTypeError as exc:
+            assert text.strip() in str(exc) or repr(text) in str(exc)
+        else:
+            assert 0 < value < math.inf
+
+
+@given(
+    st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+    st.sampled_from(["", "ms", "s", "m", "h"]),
+)
+def test_durations_parse_to_seconds_or_are_refused_when_not_positive(
+    number: float, unit: str
+) -> None:
+    text = f"{number:f}{unit}"
+    scale = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    if float(f"{number:f}") > 0:
+        assert parse_duration(text) == pytest.approx(float(f"{number:f}") * scale)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be positive"):
+            parse_duration(text)
 
 
 @pytest.mark.parametrize(
