@@ -818,6 +818,27 @@ def test_bad_input_is_a_one_line_usage_error(
     assert_one_line_error(run_sync(*args), 2, *needles)
 
 
+@pytest.mark.parametrize(
+    ("args", "prog"),
+    [
+        (("bench", "--bogus"), "trionet bench"),
+        (("echo", "--port", "0", "extra"), "trionet echo"),
+        (("load", "127.0.0.1:9", "--bogus"), "trionet load"),
+        (("--bogus",), "trionet"),
+        (("--bogus", "bench"), "trionet"),
+    ],
+)
+def test_unrecognized_arguments_name_the_subcommand(
+    args: Sequence[str], prog: str
+) -> None:
+    result = run_sync(*args)
+    extra = "--bogus" if "--bogus" in args else args[-1]
+    assert_one_line_error(result, 2)
+    assert result.stderr == (
+        f"{prog}: error: unrecognized arguments: {extra} (see '{prog} --help')\n"
+    )
+
+
 @pytest.mark.skipif(not POSIX, reason="needs RLIMIT_NOFILE")
 def test_too_many_connections_states_the_limit() -> None:
     import resource
