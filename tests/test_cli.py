@@ -310,6 +310,66 @@ async def test_tls_echo(tmp_path: Path) -> None:
         assert await echo.stop() == 0
 
 
+def summary_counts(log: str) -> tuple[int, dict[str, int], int]:
+    """The total, the counts by close reason and the served count of ``stopped:``."""
+    match = re.search(
+        r"^stopped: (\d+) connections(?: served)? \(([^)]*)\)(.*)$", log, re.M
+    )
+    assert match, log
+    parts = {}
+    for part in match.group(2).split(", "):
+        name, count = part.split()
+        parts[name] = int(count)
+    total = int(match.group(1))
+    served = re.search(r"(\d+) served", match.group(3))
+    return total, parts, int(served.group(1)) if served else total
+
+
+async def test_tls_echo_summary_adds_up(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    async with echo_server(
+        tmp_path, "--tls-cert", str(pem), "--tls-key", str(pem)
+    ) as echo:
+        for _ in range(2):  # plain text at a TLS server: the handshake fails
+            async with trionet.connect_tcp("127.0.0.1", echo.port) as plain:
+                await plain.send_all(b"GET / HTTP/1.0\r\n\r\n")
+                with trio.fail_after(CHILD_TIMEOUT):
+                    try:
+                        while await plain.receive_some():
+                            pass
+                    except trionet.ConnectionClosed:
+                        pass
+        async with trionet.connect_tcp(
+            "127.0.0.1", echo.port, framing=trionet.Lines(), ssl_context=client
+        ) as conn:
+            await conn.send(b"over tls")
+            assert await conn.receive() == b"over tls"
+        assert await echo.stop() == 0
+    log = echo.stderr()
+    total, parts, served = summary_counts(log)
+    assert sum(parts.values()) == total == 3, log
+    assert served == 1, log
+    assert parts == {"CLOSED_BY_PEER": 1, "ERROR": 2}, log
+    assert "stopped: 3 connections (CLOSED_BY_PEER 1, ERROR 2): 1 served, " in log
+
+
+def test_echo_summary_parts_add_up_with_open_connections_and_workers() -> None:
+    from trionet._cli._echo import _summary
+
+    one = {"accepted": 2, "open": 1, "closed": {"CLOSED_BY_PEER": 1, "ERROR": 1}}
+    other = {"accepted": 3, "open": 0, "closed": {"CLOSED_BY_PEER": 3}}
+    line = _summary([one, other], workers=2)
+    total, parts, served = summary_counts(line)
+    assert (total, served) == (6, 5)
+    assert parts == {"CLOSED_BY_PEER": 4, "ERROR": 1, "open": 1}
+    assert " by 2 workers (3 + 3): 5 served, 1 closed before" in line
+    assert _summary([other]) == "stopped: 3 connections served (CLOSED_BY_PEER 3)"
+
+
 def ipv6_loopback() -> bool:
     """Whether ::1 can be bound here (not in every container)."""
     if not socket.has_ipv6:  # pragma: no cover
