@@ -780,6 +780,84 @@ async def test_load_hard_time_limit_ends_a_stuck_run() -> None:
     assert report["errors"] == {"time_limit": 3}
 
 
+@needs_posix
+@pytest.mark.parametrize("as_json", [True, False])
+async def test_ctrl_c_during_load_prints_the_results_so_far(
+    tmp_path: Path, as_json: bool
+) -> None:
+    echoed = 0
+    enough = trio.Event()
+
+    async def counting_echo(conn: trionet.Connection) -> None:
+        nonlocal echoed
+        async for message in conn:
+            await conn.send(message)
+            echoed += 1
+            if echoed == 200:
+                enough.set()
+
+    out, err = tmp_path / "load.out", tmp_path / "load.err"
+    args = ["-c", "2", "--duration", "1h"] + (["--json"] if as_json else [])
+    async with trionet.open_tcp_server(
+        counting_echo, framing=trionet.Lines()
+    ) as server:
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            process = await trio.lowlevel.open_process(
+                command("load", f"127.0.0.1:{server.port}", *args),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        try:
+            with trio.fail_after(CHILD_TIMEOUT):
+                await enough.wait()  # the load is under way
+                os.kill(process.pid, signal.SIGINT)
+                code = await process.wait()
+        finally:
+            if process.poll() is None:  # pragma: no cover - only if it hangs
+                process.kill()
+                await process.wait()
+    assert code == 130, err.read_text()
+    assert err.read_text() == "trionet load: interrupted: the results so far\n"
+    if as_json:
+        report = load_json(subprocess.CompletedProcess([], code, out.read_bytes(), b""))
+        assert report["interrupted"] is True
+        messages = report["messages"]
+        assert report["errors"] == {}
+        check_percentiles(report)
+    else:
+        text = out.read_text()
+        assert text.startswith(f"trionet load 127.0.0.1:{server.port}: tcp")
+        assert re.search(r"^interrupted\s+after [\d.]+ s of 3600 s$", text, re.M), text
+        found = re.search(r"^messages\s+([\d,]+) in", text, re.MULTILINE)
+        assert found, text
+        messages = int(found.group(1).replace(",", ""))
+        assert re.search(r"errors\s+none", text)
+    # Ping-pong: the server saw message n + 1 only after the client counted n.
+    assert isinstance(messages, int)
+    assert messages >= 200 - 2
+
+
+async def test_a_load_stopped_while_connecting_reports_nothing_done() -> None:
+    from trionet._cli._load import run_load
+
+    async with trionet.open_tcp_server(silent, framing=trionet.Lines()) as server:
+        stop = trio.Event()
+        stop.set()
+        spec = LoadSpec(host="127.0.0.1", port=server.port, connections=3)
+        result = await run_load(spec, stop=stop)
+    assert result.interrupted
+    assert (result.messages, result.errors, result.elapsed) == (0, {}, 0)
+
+
+async def test_an_uninterrupted_load_says_so_in_json(tmp_path: Path) -> None:
+    async with echo_server(tmp_path) as echo:
+        result = await run_async(
+            "load", f"127.0.0.1:{echo.port}", "-c", "1", "-n", "3", "--json"
+        )
+    assert load_json(result)["interrupted"] is False
+
+
 async def test_udp_load_counts_lost_datagrams_instead_of_hanging() -> None:
     async def drop_odd(peer: trionet.UdpPeer) -> None:
         async for data in peer:

@@ -11,15 +11,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from ._common import EXIT_RUNTIME, EXIT_USAGE, CliError, Parser, UsageError
+from ._common import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    CliError,
+    Parser,
+    UsageError,
+)
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["main"]
-
-#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
-EXIT_INTERRUPTED = 130
 
 
 def _build_parser() -> Parser:

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 from .._util import format_address as format_address
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "EXIT_RUNTIME",
     "EXIT_USAGE",
     "CliError",
@@ -29,6 +30,8 @@ __all__ = [
 EXIT_USAGE = 2
 #: Exit code for a failure while running (nothing listening, errors in a run).
 EXIT_RUNTIME = 1
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 
 class CliError(Exception):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import attrs
@@ -11,7 +12,8 @@ import trio
 
 import trionet
 
-from .._common import EXIT_RUNTIME, CliError, Parser
+from ..._util import unwrap_single_exception
+from .._common import EXIT_INTERRUPTED, EXIT_RUNTIME, CliError, Parser, say
 from .._histogram import LogLinearHistogram
 from .._output import Progress, open_progress, print_table
 from ._spec import LoadSpec, add_arguments, spec_from_args, validate
@@ -36,6 +38,8 @@ class LoadResult:
     errors: dict[str, int]
     elapsed: float
     latency: LogLinearHistogram
+    #: Whether the run was stopped early (Ctrl-C): the counts are those so far.
+    interrupted: bool = False
 
     @property
     def messages_per_s(self) -> float:
@@ -76,6 +80,7 @@ class LoadResult:
             "framing": spec.framing_name,
             "size": spec.size,
             "pipeline": spec.pipeline,
+            "interrupted": self.interrupted,
         }
 
 
@@ -115,8 +120,17 @@ async def _open_all(
     return opened
 
 
-async def run_load(spec: LoadSpec, progress: Progress | None = None) -> LoadResult:
+async def run_load(
+    spec: LoadSpec,
+    progress: Progress | None = None,
+    *,
+    stop: trio.Event | None = None,
+) -> LoadResult:
     """Run ``spec`` and measure it.
+
+    Setting ``stop`` ends the run early: every connection is closed where it
+    stands and the result, marked ``interrupted``, holds what was measured
+    until then (messages still in flight are neither echoes nor errors).
 
     Raises:
         CliError: the first connection could not be made (nothing listening),
@@ -126,18 +140,26 @@ async def run_load(spec: LoadSpec, progress: Progress | None = None) -> LoadResu
     opened: list[Opened] = []
     async with AsyncExitStack() as stack:
         with trio.move_on_after(spec.hard_limit) as limit:
-            opened = await _open_all(spec, run, stack)
-            run.started = trio.current_time()
-            if spec.duration is not None:
-                run.deadline = run.started + spec.duration
-            async with trio.open_nursery() as nursery:
-                if progress is not None:
-                    nursery.start_soon(_report_progress, run, progress)
-                async with trio.open_nursery() as workers:
-                    for resource in opened:
-                        workers.start_soon(_load_one, run, resource)
-                run.finished = trio.current_time()
-                nursery.cancel_scope.cancel()
+            # (One exception from the body, e.g. the first connect's CliError,
+            # reaches the caller as itself.)
+            with unwrap_single_exception():
+                async with trio.open_nursery() as nursery:
+                    if stop is not None:
+                        nursery.start_soon(_stop_when_set, stop, run, nursery)
+                    opened = await _open_all(spec, run, stack)
+                    run.started = trio.current_time()
+                    if spec.duration is not None:
+                        run.deadline = run.started + spec.duration
+                    if progress is not None:
+                        nursery.start_soon(_report_progress, run, progress)
+                    async with trio.open_nursery() as workers:
+                        for resource in opened:
+                            workers.start_soon(_load_one, run, resource)
+                    if run.finished is None:
+                        run.finished = trio.current_time()
+                    nursery.cancel_scope.cancel()
+    if run.interrupted and run.started is None:  # while connecting
+        run.started = run.finished
     if run.started is None:
         raise CliError(
             f"could not open {spec.connections} connections to {spec.target} "
@@ -153,7 +175,19 @@ async def run_load(spec: LoadSpec, progress: Progress | None = None) -> LoadResu
         errors=dict(run.errors),
         elapsed=run.finished - run.started,
         latency=run.latency,
+        interrupted=run.interrupted,
     )
+
+
+async def _stop_when_set(
+    stop: trio.Event, run: LoadState, nursery: trio.Nursery
+) -> None:
+    """End the run at once when ``stop`` is set, unless it is over already."""
+    await stop.wait()
+    if run.finished is None:
+        run.interrupted = True
+        run.finished = trio.current_time()
+        nursery.cancel_scope.cancel()
 
 
 async def _load_one(run: LoadState, resource: Opened) -> None:
@@ -201,27 +235,51 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``trionet load``: exit code 0 when every message was echoed, else 1."""
+    """``trionet load``: exit code 0 when every message was echoed, else 1.
+
+    Ctrl-C (SIGINT) ends the run early: the results so far are printed,
+    marked as interrupted, and the exit code is 130.  A second Ctrl-C while
+    the connections close stops at once, without results.
+    """
     spec = spec_from_args(args)
     validate(spec)
 
     async def main() -> LoadResult:
         total_label = "s" if spec.duration is not None else "messages"
-        with open_progress(
-            f"load {spec.target}", total_label, json=args.json
-        ) as progress:
-            return await run_load(spec, progress)
+        stop = trio.Event()
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            with unwrap_single_exception():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_stop_on_signals, signals, stop)
+                    with open_progress(
+                        f"load {spec.target}", total_label, json=args.json
+                    ) as progress:
+                        result = await run_load(spec, progress, stop=stop)
+                    nursery.cancel_scope.cancel()
+        return result
 
     result = trio.run(main)
+    if result.interrupted:
+        say("trionet load: interrupted: the results so far")
     if args.json:
         import json
 
         print(json.dumps(result.as_json()), flush=True)
     else:
         print_result(result)
+    if result.interrupted:
+        return EXIT_INTERRUPTED
     if result.errors:
         return EXIT_RUNTIME
     return 0
+
+
+async def _stop_on_signals(signals: AsyncIterator[int], stop: trio.Event) -> None:
+    """The first signal stops the run; a second one stops the command at once."""
+    async for _ in signals:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
 
 
 def _number(value: float | None, digits: int = 0) -> str:
@@ -243,7 +301,14 @@ def print_result(result: LoadResult) -> None:
         f"pipeline {spec.pipeline}{rate}",
         flush=True,
     )
-    rows = [
+    rows = []
+    if result.interrupted:
+        if spec.duration is not None:
+            planned = f"of {spec.duration:g} s"
+        else:
+            planned = f"of {spec.messages:,} messages"
+        rows.append(["interrupted", f"after {result.elapsed:.2f} s {planned}"])
+    rows += [
         ["messages", f"{result.messages:,} in {result.elapsed:.2f} s"],
         [
             "throughput",

@@ -77,6 +77,8 @@ class LoadState:
         self.deadline = math.inf
         self.started: float | None = None
         self.finished: float | None = None
+        #: Whether the run was stopped early on request (Ctrl-C).
+        self.interrupted = False
         #: Connections whose worker ended (normally or by a counted failure).
         self.ended = 0
         self.limiter = RateLimiter(spec.rate) if spec.rate else None
