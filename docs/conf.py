@@ -98,7 +98,14 @@ def _merge_private_analyzers(app: Any) -> None:
         public = _public_module(info.name)
         if public == info.name or info.ispkg or "__" in info.name:
             continue
-        private = ModuleAnalyzer.for_module(info.name)
+        # Read the source without importing it: a private module may import
+        # what only its users have (the pytest plugin imports pytest), and
+        # the docs extra installs only what the documented objects need.
+        path = getattr(info.module_finder, "path", None)
+        if path is None:
+            continue
+        source = os.path.join(path, info.name.rpartition(".")[2] + ".py")
+        private = ModuleAnalyzer.for_file(source, info.name)
         target = ModuleAnalyzer.for_module(public)
         private.analyze()
         target.analyze()
