@@ -71,7 +71,8 @@ html_theme_options = {
 html_sidebars = {
     "**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]
 }
-html_static_path: list[str] = []
+# custom.css: code blocks wrap instead of running past the right edge.
+html_static_path = ["_static"]
 
 
 # Public classes live in private modules (trionet._server, ...) and set
