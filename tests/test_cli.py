@@ -137,6 +137,16 @@ async def echo_server(tmp_path: Path, *args: str) -> AsyncIterator[EchoProcess]:
         await process.stdout.aclose()
 
 
+async def read_until_closed(conn: trionet.Connection) -> None:
+    """Read and drop whatever comes until the server closes ``conn``."""
+    with trio.fail_after(CHILD_TIMEOUT):
+        try:
+            while await conn.receive_some():
+                pass
+        except trionet.ConnectionClosed:
+            pass
+
+
 def load_json(result: subprocess.CompletedProcess[bytes]) -> dict[str, object]:
     """The one JSON object ``load --json`` printed (and nothing else on stdout)."""
     text = result.stdout.decode()
@@ -292,18 +302,22 @@ async def test_raw_echo(tmp_path: Path) -> None:
             assert await conn.receive_exactly(len(payload)) == payload
 
 
-async def test_tls_echo(tmp_path: Path) -> None:
-    ca = trustme.CA()
+@pytest.fixture
+def tls_pem(tmp_path: Path, ca: trustme.CA) -> Path:
+    """A key and certificate for 127.0.0.1 in one PEM file, issued by ``ca``."""
     pem = tmp_path / "server.pem"
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    async with echo_server(
-        tmp_path, "--tls-cert", str(pem), "--tls-key", str(pem)
-    ) as echo:
+    return pem
+
+
+async def test_tls_echo(
+    tmp_path: Path, tls_pem: Path, client_context: ssl.SSLContext
+) -> None:
+    tls = ("--tls-cert", str(tls_pem), "--tls-key", str(tls_pem))
+    async with echo_server(tmp_path, *tls) as echo:
         assert "(tls, line framing)" in echo.first_line
         async with trionet.connect_tcp(
-            "127.0.0.1", echo.port, framing=trionet.Lines(), ssl_context=client
+            "127.0.0.1", echo.port, framing=trionet.Lines(), ssl_context=client_context
         ) as conn:
             await conn.send(b"over tls")
             assert await conn.receive() == b"over tls"
@@ -325,26 +339,17 @@ def summary_counts(log: str) -> tuple[int, dict[str, int], int]:
     return total, parts, int(served.group(1)) if served else total
 
 
-async def test_tls_echo_summary_adds_up(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    pem = tmp_path / "server.pem"
-    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    async with echo_server(
-        tmp_path, "--tls-cert", str(pem), "--tls-key", str(pem)
-    ) as echo:
+async def test_tls_echo_summary_adds_up(
+    tmp_path: Path, tls_pem: Path, client_context: ssl.SSLContext
+) -> None:
+    tls = ("--tls-cert", str(tls_pem), "--tls-key", str(tls_pem))
+    async with echo_server(tmp_path, *tls) as echo:
         for _ in range(2):  # plain text at a TLS server: the handshake fails
             async with trionet.connect_tcp("127.0.0.1", echo.port) as plain:
                 await plain.send_all(b"GET / HTTP/1.0\r\n\r\n")
-                with trio.fail_after(CHILD_TIMEOUT):
-                    try:
-                        while await plain.receive_some():
-                            pass
-                    except trionet.ConnectionClosed:
-                        pass
+                await read_until_closed(plain)
         async with trionet.connect_tcp(
-            "127.0.0.1", echo.port, framing=trionet.Lines(), ssl_context=client
+            "127.0.0.1", echo.port, framing=trionet.Lines(), ssl_context=client_context
         ) as conn:
             await conn.send(b"over tls")
             assert await conn.receive() == b"over tls"
@@ -650,12 +655,7 @@ async def test_echo_verbose_logs_close_reasons(tmp_path: Path) -> None:
         # Over the line limit: the server closes it as PROTOCOL_ERROR.
         async with trionet.connect_tcp("127.0.0.1", echo.port) as conn:
             await conn.send_all(b"y" * 70_000)
-            with trio.fail_after(CHILD_TIMEOUT):
-                try:
-                    while await conn.receive_some():
-                        pass
-                except trionet.ConnectionClosed:
-                    pass
+            await read_until_closed(conn)
         assert await echo.stop() == 0
     log = echo.stderr()
     assert re.search(r"close 127\.0\.0\.1:\d+: CLOSED_BY_PEER \(2 B in, 2 B out\)", log)
