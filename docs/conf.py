@@ -71,7 +71,8 @@ html_theme_options = {
 html_sidebars = {
     "**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]
 }
-html_static_path: list[str] = []
+# custom.css: code blocks wrap instead of running past the right edge.
+html_static_path = ["_static"]
 
 
 # Public classes live in private modules (trionet._server, ...) and set
@@ -98,7 +99,14 @@ def _merge_private_analyzers(app: Any) -> None:
         public = _public_module(info.name)
         if public == info.name or info.ispkg or "__" in info.name:
             continue
-        private = ModuleAnalyzer.for_module(info.name)
+        # Read the source without importing it: a private module may import
+        # what only its users have (the pytest plugin imports pytest), and
+        # the docs extra installs only what the documented objects need.
+        path = getattr(info.module_finder, "path", None)
+        if path is None:
+            continue
+        source = os.path.join(path, info.name.rpartition(".")[2] + ".py")
+        private = ModuleAnalyzer.for_file(source, info.name)
         target = ModuleAnalyzer.for_module(public)
         private.analyze()
         target.analyze()

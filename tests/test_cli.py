@@ -8,6 +8,7 @@ parsers are also tested in-process.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -18,7 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,17 +27,19 @@ import attrs
 import pytest
 import trio
 import trustme
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import trionet
 from trionet._cli._common import (
     parse_duration,
+    parse_host,
     parse_host_port,
     parse_rate,
 )
 from trionet._cli._histogram import LogLinearHistogram
-from trionet._cli._load import message_maker
+from trionet._cli._load import LoadSpec, message_maker
+from trionet._util import format_address
 
 #: Seconds any one child process may run.
 CHILD_TIMEOUT = 30.0
@@ -120,7 +123,7 @@ async def echo_server(tmp_path: Path, *args: str) -> AsyncIterator[EchoProcess]:
                 assert chunk, f"echo exited early: {stderr_path.read_text()}"
                 output += chunk
         line = output.decode().splitlines()[0]
-        match = re.match(r"listening on 127\.0\.0\.1:(\d+) \(", line)
+        match = re.match(r"listening on (?:127\.0\.0\.1|\[::1\]):(\d+) \(", line)
         assert match, line
         yield EchoProcess(process, int(match.group(1)), line, stderr_path)
     finally:
@@ -132,6 +135,16 @@ async def echo_server(tmp_path: Path, *args: str) -> AsyncIterator[EchoProcess]:
                 process.kill()
                 await process.wait()
         await process.stdout.aclose()
+
+
+async def read_until_closed(conn: trionet.Connection) -> None:
+    """Read and drop whatever comes until the server closes ``conn``."""
+    with trio.fail_after(CHILD_TIMEOUT):
+        try:
+            while await conn.receive_some():
+                pass
+        except trionet.ConnectionClosed:
+            pass
 
 
 def load_json(result: subprocess.CompletedProcess[bytes]) -> dict[str, object]:
@@ -289,22 +302,123 @@ async def test_raw_echo(tmp_path: Path) -> None:
             assert await conn.receive_exactly(len(payload)) == payload
 
 
-async def test_tls_echo(tmp_path: Path) -> None:
-    ca = trustme.CA()
+@pytest.fixture
+def tls_pem(tmp_path: Path, ca: trustme.CA) -> Path:
+    """A key and certificate for 127.0.0.1 in one PEM file, issued by ``ca``."""
     pem = tmp_path / "server.pem"
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    async with echo_server(
-        tmp_path, "--tls-cert", str(pem), "--tls-key", str(pem)
-    ) as echo:
+    return pem
+
+
+async def test_tls_echo(
+    tmp_path: Path, tls_pem: Path, client_context: ssl.SSLContext
+) -> None:
+    tls = ("--tls-cert", str(tls_pem), "--tls-key", str(tls_pem))
+    async with echo_server(tmp_path, *tls) as echo:
         assert "(tls, line framing)" in echo.first_line
         async with trionet.connect_tcp(
-            "127.0.0.1", echo.port, framing=trionet.Lines(), ssl_context=client
+            "127.0.0.1", echo.port, framing=trionet.Lines(), ssl_context=client_context
         ) as conn:
             await conn.send(b"over tls")
             assert await conn.receive() == b"over tls"
         assert await echo.stop() == 0
+
+
+def summary_counts(log: str) -> tuple[int, dict[str, int], int]:
+    """The total, the counts by close reason and the served count of ``stopped:``."""
+    match = re.search(
+        r"^stopped: (\d+) connections(?: served)? \(([^)]*)\)(.*)$", log, re.M
+    )
+    assert match, log
+    parts = {}
+    for part in match.group(2).split(", "):
+        name, count = part.split()
+        parts[name] = int(count)
+    total = int(match.group(1))
+    served = re.search(r"(\d+) served", match.group(3))
+    return total, parts, int(served.group(1)) if served else total
+
+
+async def test_tls_echo_summary_adds_up(
+    tmp_path: Path, tls_pem: Path, client_context: ssl.SSLContext
+) -> None:
+    tls = ("--tls-cert", str(tls_pem), "--tls-key", str(tls_pem))
+    async with echo_server(tmp_path, *tls) as echo:
+        for _ in range(2):  # plain text at a TLS server: the handshake fails
+            async with trionet.connect_tcp("127.0.0.1", echo.port) as plain:
+                await plain.send_all(b"GET / HTTP/1.0\r\n\r\n")
+                await read_until_closed(plain)
+        async with trionet.connect_tcp(
+            "127.0.0.1", echo.port, framing=trionet.Lines(), ssl_context=client_context
+        ) as conn:
+            await conn.send(b"over tls")
+            assert await conn.receive() == b"over tls"
+        assert await echo.stop() == 0
+    log = echo.stderr()
+    total, parts, served = summary_counts(log)
+    assert sum(parts.values()) == total == 3, log
+    assert served == 1, log
+    assert parts == {"CLOSED_BY_PEER": 1, "ERROR": 2}, log
+    assert "stopped: 3 connections (CLOSED_BY_PEER 1, ERROR 2): 1 served, " in log
+
+
+def test_echo_summary_parts_add_up_with_open_connections_and_workers() -> None:
+    from trionet._cli._echo import _summary
+
+    one = {"accepted": 2, "open": 1, "closed": {"CLOSED_BY_PEER": 1, "ERROR": 1}}
+    other = {"accepted": 3, "open": 0, "closed": {"CLOSED_BY_PEER": 3}}
+    line = _summary([one, other], workers=2)
+    total, parts, served = summary_counts(line)
+    assert (total, served) == (6, 5)
+    assert parts == {"CLOSED_BY_PEER": 4, "ERROR": 1, "open": 1}
+    assert " by 2 workers (3 + 3): 5 served, 1 closed before" in line
+    assert _summary([other]) == "stopped: 3 connections served (CLOSED_BY_PEER 3)"
+
+
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (not in every container)."""
+    if not socket.has_ipv6:  # pragma: no cover
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:  # pragma: no cover
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+
+
+@needs_ipv6
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+async def test_ipv6_addresses_print_in_brackets(tmp_path: Path, host: str) -> None:
+    async with echo_server(tmp_path, "--host", host, "--verbose") as echo:
+        assert echo.first_line.startswith(f"listening on [::1]:{echo.port} (")
+        result = await run_async(
+            "load", f"[::1]:{echo.port}", "-c", "2", "-n", "10", "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        table = await run_async("load", f"[::1]:{echo.port}", "-c", "1", "-n", "5")
+        assert table.returncode == 0, table.stderr
+        assert await echo.stop() == 0
+    assert load_json(result)["target"] == f"[::1]:{echo.port}"
+    assert table.stdout.decode().startswith(f"trionet load [::1]:{echo.port}: tcp")
+    log = echo.stderr()
+    assert re.search(r"^connect \[::1\]:\d+$", log, re.MULTILINE), log
+    assert re.search(r"^close \[::1\]:\d+: CLOSED_BY_PEER", log, re.MULTILINE), log
+
+
+@needs_ipv6
+def test_ipv6_addresses_in_errors_are_bracketed() -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as busy:
+        busy.bind(("::1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        listen = run_sync("echo", "--host", "::1", "--port", str(port))
+    assert_one_line_error(listen, 1, f"cannot listen on [::1]:{port}: ")
+    connect = run_sync("load", f"[::1]:{port}", "-c", "1")
+    assert_one_line_error(connect, 1, f"cannot connect to [::1]:{port}: ")
 
 
 # ------------------------------------------------------ signals, shutdown
@@ -427,7 +541,7 @@ def test_echo_workers_on_a_port_in_use_fail_at_once() -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = run_sync("echo", "--workers", "3", "--port", str(port))
-    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1 port {port}")
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}: ")
 
 
 async def test_a_worker_that_cannot_listen_reports_the_error() -> None:
@@ -451,7 +565,7 @@ async def test_a_worker_that_cannot_listen_reports_the_error() -> None:
         # Returns (so the pool does not restart it) with the error for the parent.
         await _echo._worker_main(worker, options, port)
     assert worker.last_report is not None
-    assert f"cannot listen on 127.0.0.1 port {port}" in worker.last_report["error"]
+    assert f"cannot listen on 127.0.0.1:{port}: " in worker.last_report["error"]
 
 
 @needs_posix
@@ -467,12 +581,12 @@ async def test_the_parent_stops_the_pool_on_a_worker_error(
     assert capsys.readouterr().out == ""  # not every worker serves yet
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         # run_workers stops every worker on this process's own SIGTERM.
-        view.on_report(1, {"error": "cannot listen on 127.0.0.1 port 9: boom"})
+        view.on_report(1, {"error": "cannot listen on 127.0.0.1:9: boom"})
         with trio.fail_after(CHILD_TIMEOUT):
             async for signum in signals:
                 assert signum == signal.SIGTERM
                 break
-    assert view.error == "cannot listen on 127.0.0.1 port 9: boom"
+    assert view.error == "cannot listen on 127.0.0.1:9: boom"
 
 
 @needs_posix
@@ -541,12 +655,7 @@ async def test_echo_verbose_logs_close_reasons(tmp_path: Path) -> None:
         # Over the line limit: the server closes it as PROTOCOL_ERROR.
         async with trionet.connect_tcp("127.0.0.1", echo.port) as conn:
             await conn.send_all(b"y" * 70_000)
-            with trio.fail_after(CHILD_TIMEOUT):
-                try:
-                    while await conn.receive_some():
-                        pass
-                except trionet.ConnectionClosed:
-                    pass
+            await read_until_closed(conn)
         assert await echo.stop() == 0
     log = echo.stderr()
     assert re.search(r"close 127\.0\.0\.1:\d+: CLOSED_BY_PEER \(2 B in, 2 B out\)", log)
@@ -671,6 +780,84 @@ async def test_load_hard_time_limit_ends_a_stuck_run() -> None:
     assert report["errors"] == {"time_limit": 3}
 
 
+@needs_posix
+@pytest.mark.parametrize("as_json", [True, False])
+async def test_ctrl_c_during_load_prints_the_results_so_far(
+    tmp_path: Path, as_json: bool
+) -> None:
+    echoed = 0
+    enough = trio.Event()
+
+    async def counting_echo(conn: trionet.Connection) -> None:
+        nonlocal echoed
+        async for message in conn:
+            await conn.send(message)
+            echoed += 1
+            if echoed == 200:
+                enough.set()
+
+    out, err = tmp_path / "load.out", tmp_path / "load.err"
+    args = ["-c", "2", "--duration", "1h"] + (["--json"] if as_json else [])
+    async with trionet.open_tcp_server(
+        counting_echo, framing=trionet.Lines()
+    ) as server:
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            process = await trio.lowlevel.open_process(
+                command("load", f"127.0.0.1:{server.port}", *args),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        try:
+            with trio.fail_after(CHILD_TIMEOUT):
+                await enough.wait()  # the load is under way
+                os.kill(process.pid, signal.SIGINT)
+                code = await process.wait()
+        finally:
+            if process.poll() is None:  # pragma: no cover - only if it hangs
+                process.kill()
+                await process.wait()
+    assert code == 130, err.read_text()
+    assert err.read_text() == "trionet load: interrupted: the results so far\n"
+    if as_json:
+        report = load_json(subprocess.CompletedProcess([], code, out.read_bytes(), b""))
+        assert report["interrupted"] is True
+        messages = report["messages"]
+        assert report["errors"] == {}
+        check_percentiles(report)
+    else:
+        text = out.read_text()
+        assert text.startswith(f"trionet load 127.0.0.1:{server.port}: tcp")
+        assert re.search(r"^interrupted\s+after [\d.]+ s of 3600 s$", text, re.M), text
+        found = re.search(r"^messages\s+([\d,]+) in", text, re.MULTILINE)
+        assert found, text
+        messages = int(found.group(1).replace(",", ""))
+        assert re.search(r"errors\s+none", text)
+    # Ping-pong: the server saw message n + 1 only after the client counted n.
+    assert isinstance(messages, int)
+    assert messages >= 200 - 2
+
+
+async def test_a_load_stopped_while_connecting_reports_nothing_done() -> None:
+    from trionet._cli._load import run_load
+
+    async with trionet.open_tcp_server(silent, framing=trionet.Lines()) as server:
+        stop = trio.Event()
+        stop.set()
+        spec = LoadSpec(host="127.0.0.1", port=server.port, connections=3)
+        result = await run_load(spec, stop=stop)
+    assert result.interrupted
+    assert (result.messages, result.errors, result.elapsed) == (0, {}, 0)
+
+
+async def test_an_uninterrupted_load_says_so_in_json(tmp_path: Path) -> None:
+    async with echo_server(tmp_path) as echo:
+        result = await run_async(
+            "load", f"127.0.0.1:{echo.port}", "-c", "1", "-n", "3", "--json"
+        )
+    assert load_json(result)["interrupted"] is False
+
+
 async def test_udp_load_counts_lost_datagrams_instead_of_hanging() -> None:
     async def drop_odd(peer: trionet.UdpPeer) -> None:
         async for data in peer:
@@ -745,6 +932,19 @@ def assert_one_line_error(
         (("load", "127.0.0.1:9", "--rate", "fast"), ["not a rate"]),
         (("load", "127.0.0.1:9", "--pipeline", "-1"), ["--pipeline"]),
         (("load", "127.0.0.1:9", "--udp", "--framing", "line"), ["--udp"]),
+        (("load", "127.0.0.1:9", "-d", "-5s"), ["duration must be positive: -5s"]),
+        (("load", "127.0.0.1:9", "--duration", "-5"), ["must be positive: -5"]),
+        (("load", "127.0.0.1:9", "-d", "0ms"), ["duration must be positive: 0ms"]),
+        (("load", "127.0.0.1:9", "-d", "-.5s"), ["must be positive: -.5s"]),
+        (("load", "127.0.0.1:9", "--rate", "-5/s"), ["rate must be positive: -5/s"]),
+        (("load", "127.0.0.1:9", "--rate", "0"), ["rate must be positive: 0"]),
+        (("load", "127.0.0.1:9", "--timeout", "-1"), ["--timeout", "above 0"]),
+        (("load", "127.0.0.1:9", "--time-limit", "-2.5"), ["above 0, not -2.5"]),
+        (("load", "127.0.0.1:9", "-c", "-3"), ["--connections", "at least 1"]),
+        (("echo", "--grace-period", "-1"), ["--grace-period", "0 or more"]),
+        (("echo", "--host", "[::1"), ["malformed host '[::1'"]),
+        (("load", "127.0.0.1:9", "-d"), ["expected one argument"]),
+        (("load", "127.0.0.1:9", "-d", "--json"), ["expected one argument"]),
         (("echo", "--port", "99999"), ["0..65535"]),
         (("echo", "--tls-cert", "c.pem"), ["--tls-cert and --tls-key go together"]),
         (("echo", "--udp", "--framing", "line"), ["--framing does not apply"]),
@@ -754,6 +954,27 @@ def test_bad_input_is_a_one_line_usage_error(
     args: Sequence[str], needles: list[str]
 ) -> None:
     assert_one_line_error(run_sync(*args), 2, *needles)
+
+
+@pytest.mark.parametrize(
+    ("args", "prog"),
+    [
+        (("bench", "--bogus"), "trionet bench"),
+        (("echo", "--port", "0", "extra"), "trionet echo"),
+        (("load", "127.0.0.1:9", "--bogus"), "trionet load"),
+        (("--bogus",), "trionet"),
+        (("--bogus", "bench"), "trionet"),
+    ],
+)
+def test_unrecognized_arguments_name_the_subcommand(
+    args: Sequence[str], prog: str
+) -> None:
+    result = run_sync(*args)
+    extra = "--bogus" if "--bogus" in args else args[-1]
+    assert_one_line_error(result, 2)
+    assert result.stderr == (
+        f"{prog}: error: unrecognized arguments: {extra} (see '{prog} --help')\n"
+    )
 
 
 @pytest.mark.skipif(not POSIX, reason="needs RLIMIT_NOFILE")
@@ -798,7 +1019,7 @@ def test_port_in_use_is_a_runtime_error() -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = run_sync("echo", "--port", str(port))
-    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1 port {port}")
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}: ")
 
 
 def test_help_and_version() -> None:
@@ -1060,3 +1281,76 @@ def test_parse_duration(text: str, seconds: float) -> None:
 @pytest.mark.parametrize(("text", "rate"), [("1000", 1000.0), ("2.5/s", 2.5)])
 def test_parse_rate(text: str, rate: float) -> None:
     assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "message"),
+    [
+        (parse_duration, "-5s", "duration must be positive: -5s"),
+        (parse_duration, "0", "duration must be positive: 0"),
+        (parse_duration, "9" * 400, "duration too long: 999"),
+        (parse_duration, "5 parsecs", "not a duration: '5 parsecs'"),
+        (parse_rate, "-1000/s", "rate must be positive: -1000/s"),
+        (parse_rate, "0/s", "rate must be positive: 0/s"),
+        (parse_rate, "1/m", "not a rate: '1/m'"),
+    ],
+)
+def test_parse_errors_say_what_is_wrong(
+    parse: Callable[[str], float], text: str, message: str
+) -> None:
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        parse(text)
+    assert str(info.value).startswith(message)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=30))
+def test_duration_and_rate_parsers_accept_or_refuse_clearly(text: str) -> None:
+    for parse in (parse_duration, parse_rate):
+        try:
+            value = parse(text)
+        except argparse.ArgumentTypeError as exc:
+            assert text.strip() in str(exc) or repr(text) in str(exc)
+        else:
+            assert 0 < value < math.inf
+
+
+@given(
+    st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+    st.sampled_from(["", "ms", "s", "m", "h"]),
+)
+def test_durations_parse_to_seconds_or_are_refused_when_not_positive(
+    number: float, unit: str
+) -> None:
+    text = f"{number:f}{unit}"
+    scale = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    if float(f"{number:f}") > 0:
+        assert parse_duration(text) == pytest.approx(float(f"{number:f}") * scale)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be positive"):
+            parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "host"),
+    [("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("[::1]", "::1"), ("", "")],
+)
+def test_parse_host_takes_brackets_off(text: str, host: str) -> None:
+    assert parse_host(text) == host
+
+
+@example("host:²")  # a digit to str.isdigit, not to int()
+@given(st.text(max_size=40))
+def test_parse_host_port_accepts_or_refuses_clearly(text: str) -> None:
+    try:
+        host, port = parse_host_port(text)
+    except argparse.ArgumentTypeError as exc:
+        assert "malformed address" in str(exc)
+    else:
+        assert host and 1 <= port <= 65535
+        assert parse_host_port(format_address((host, port))) == (host, port)
+
+
+def test_load_target_puts_ipv6_in_brackets() -> None:
+    assert LoadSpec(host="::1", port=8000).target == "[::1]:8000"
+    assert LoadSpec(host="127.0.0.1", port=8000).target == "127.0.0.1:8000"

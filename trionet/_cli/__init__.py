@@ -11,15 +11,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from ._common import EXIT_RUNTIME, EXIT_USAGE, CliError, Parser, UsageError
+from ._common import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    CliError,
+    Parser,
+    UsageError,
+)
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["main"]
-
-#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
-EXIT_INTERRUPTED = 130
 
 
 def _build_parser() -> Parser:
@@ -63,12 +67,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     prog = parser.prog
     try:
-        args = parser.parse_args(argv)
+        # Arguments no parser knows are reported by the command they were
+        # given to (argparse would name the top-level parser).
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if args.command is not None:
+            prog = f"trionet {args.command}"
+        if unknown:
+            given_to = prog
+            if args.command is not None:
+                before = argv[: argv.index(args.command)]
+                if any(arg in before for arg in unknown):
+                    given_to = parser.prog
+            raise UsageError(
+                f"unrecognized arguments: {' '.join(unknown)} "
+                f"(see '{given_to} --help')",
+                prog=given_to,
+            )
         if args.command is None:
             raise UsageError(
                 "choose a command: echo, load or bench (see 'trionet --help')"
             )
-        prog = f"trionet {args.command}"
         code: int = args.run(args)
         return code
     except SystemExit as exc:  # --help and --version

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from .._util import format_address as format_address
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "EXIT_RUNTIME",
     "EXIT_USAGE",
     "CliError",
@@ -17,6 +20,7 @@ __all__ = [
     "UsageError",
     "format_address",
     "parse_duration",
+    "parse_host",
     "parse_host_port",
     "parse_rate",
     "say",
@@ -26,6 +30,8 @@ __all__ = [
 EXIT_USAGE = 2
 #: Exit code for a failure while running (nothing listening, errors in a run).
 EXIT_RUNTIME = 1
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 
 class CliError(Exception):
@@ -48,10 +54,56 @@ class UsageError(CliError):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are exceptions, reported in one line."""
+    """An ArgumentParser whose errors are exceptions, reported in one line.
+
+    A value that starts with ``-`` and a digit (``-d -5s``, ``--rate -1/s``)
+    is taken as the option's value, so that the option's own check refuses it
+    with a clear message; argparse before Python 3.13 takes ``-5s`` for an
+    unknown option and reports "expected one argument".  (None of our options
+    is spelled with a digit, so nothing is lost.)
+    """
+
+    # (typeshed spells this as overloads by namespace type; one signature
+    # that passes everything on covers them all.)
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        if args is None:
+            args = sys.argv[1:]
+        return super().parse_known_args(_join_negative_values(self, args), namespace)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')", prog=self.prog)
+
+
+_NEGATIVE = re.compile(r"^-\.?[0-9]", re.ASCII)
+
+
+def _join_negative_values(
+    parser: argparse.ArgumentParser, args: Sequence[str]
+) -> list[str]:
+    """``-d -5s`` as ``-d=-5s``, for the options of ``parser`` that take a value."""
+    takes_value = {
+        option
+        for action in parser._actions
+        if action.nargs is None and action.option_strings
+        for option in action.option_strings
+    }
+    joined: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":  # the rest is positional
+            joined += args[index:]
+            break
+        following = args[index + 1] if index + 1 < len(args) else ""
+        if arg in takes_value and _NEGATIVE.match(following):
+            joined.append(f"{arg}={following}")
+            index += 2
+            continue
+        joined.append(arg)
+        index += 1
+    return joined
 
 
 def say(message: str) -> None:
@@ -68,6 +120,18 @@ def parse_port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 0..65535, not {port}")
     return port
+
+
+def parse_host(text: str) -> str:
+    """A host name or address; an IPv6 address may come in brackets (``[::1]``)."""
+    if text.startswith("[") or text.endswith("]"):
+        if not (text.startswith("[") and text.endswith("]")) or len(text) < 3:
+            raise argparse.ArgumentTypeError(
+                f"malformed host {text!r}: expected an IPv6 address in brackets, "
+                "e.g. [::1]"
+            )
+        return text[1:-1]
+    return text
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -92,15 +156,26 @@ def parse_host_port(text: str) -> tuple[str, int]:
             )
     if not host:
         raise argparse.ArgumentTypeError(f"malformed address {text!r}: no host")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    digits = port_text.isascii() and port_text.isdigit()  # not "²" or "٣"
+    if not digits or not 1 <= int(port_text) <= 65535:
         raise argparse.ArgumentTypeError(
             f"malformed address {text!r}: the port must be a number in 1..65535"
         )
     return host, int(port_text)
 
 
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+# A sign is accepted so that "-5s" is refused as negative, not as malformed.
+_NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)"
+_DURATION = re.compile(rf"^\s*({_NUMBER})\s*(ms|s|m|h)?\s*$", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _positive(what: str, value: float, text: str) -> float:
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{what} must be positive: {text.strip()}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{what} too long: {text.strip()}")
+    return value
 
 
 def parse_duration(text: str) -> float:
@@ -111,12 +186,10 @@ def parse_duration(text: str) -> float:
             f"not a duration: {text!r} (use e.g. 10s, 500ms, 2m)"
         )
     seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"the duration must be positive: {text!r}")
-    return seconds
+    return _positive("duration", seconds, text)
 
 
-_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(/s)?\s*$")
+_RATE = re.compile(rf"^\s*({_NUMBER})\s*(/s)?\s*$", re.ASCII)
 
 
 def parse_rate(text: str) -> float:
@@ -126,10 +199,7 @@ def parse_rate(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"not a rate: {text!r} (use messages per second, e.g. 1000/s)"
         )
-    rate = float(match.group(1))
-    if rate <= 0:
-        raise argparse.ArgumentTypeError(f"the rate must be positive: {text!r}")
-    return rate
+    return _positive("rate", float(match.group(1)), text)
 
 
 def positive_int(text: str) -> int:

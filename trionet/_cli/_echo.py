@@ -35,6 +35,7 @@ from ._common import (
     UsageError,
     format_address,
     non_negative_float,
+    parse_host,
     parse_port,
     positive_int,
     say,
@@ -62,7 +63,10 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         ),
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (127.0.0.1)"
+        "--host",
+        type=parse_host,
+        default="127.0.0.1",
+        help="address to listen on; IPv6 with or without brackets (127.0.0.1)",
     )
     parser.add_argument(
         "--port", type=parse_port, default=0, help="port; 0 picks a free one (0)"
@@ -246,9 +250,8 @@ async def _start_server(
 
 
 def _cannot_listen(options: _Options, port: int, exc: OSError) -> CliError:
-    return CliError(
-        f"cannot listen on {options.host} port {port}: {exc.strerror or exc}"
-    )
+    where = format_address((options.host, port))
+    return CliError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 async def _serve(options: _Options, context: ssl.SSLContext | None) -> int:
@@ -288,8 +291,9 @@ async def _next_signal(received: AsyncIterator[int]) -> str:
 def _stats(server: _AnyServer) -> dict[str, Any]:
     """The counts the closing summary reports, as JSON a worker can send."""
     if isinstance(server, trionet.Server):
-        closed = {reason.name: n for reason, n in server.stats.closed.items()}
-        return {"accepted": server.stats.accepted, "closed": closed}
+        stats = server.stats
+        closed = {reason.name: n for reason, n in stats.closed.items()}
+        return {"accepted": stats.accepted, "open": stats.open, "closed": closed}
     udp = server.stats
     return {
         "peers": udp.peers_started,
@@ -298,26 +302,47 @@ def _stats(server: _AnyServer) -> dict[str, Any]:
     }
 
 
+def _clients(stats: Mapping[str, Any]) -> int:
+    """UDP peers, or every connection a TCP server took: closed or open."""
+    if "peers" in stats:
+        return int(stats["peers"])
+    return int(sum(stats.get("closed", {}).values()) + stats.get("open", 0))
+
+
 def _summary(stats: Sequence[Mapping[str, Any]], workers: int = 1) -> str:
-    """``stopped: ...`` for the stats of one server or of every worker's."""
+    """``stopped: ...`` for the stats of one server or of every worker's.
+
+    Over TCP the counts by close reason add up to the number of connections:
+    those that ended before their handler ran (a failed TLS handshake, a
+    client gone at once) are counted, and said apart from those served.
+    """
     total: Counter[str] = Counter()
     closed: Counter[str] = Counter()
     for one in stats:
         total.update({k: v for k, v in one.items() if k != "closed"})
         closed.update(one.get("closed", {}))
-    unit = "peers" if "peers" in total else "accepted"
-    shares = " + ".join(str(one.get(unit, 0)) for one in stats)
+    shares = " + ".join(str(_clients(one)) for one in stats)
     by = f" by {workers} workers ({shares})" if workers > 1 else ""
-    if unit == "peers":
+    if "peers" in total:
         return (
             f"stopped: {total['peers']} peers, {total['received']} datagrams "
             f"received, {total['dropped']} dropped{by}"
         )
+    if total["open"]:
+        closed["open"] = total["open"]
     listed = ", ".join(f"{name} {n}" for name, n in sorted(closed.items()))
+    connections = sum(closed.values())
+    served = total["accepted"]
+    if connections == served:
+        return (
+            f"stopped: {served} connections served"
+            + (f" ({listed})" if listed else "")
+            + by
+        )
     return (
-        f"stopped: {total['accepted']} connections served"
-        + (f" ({listed})" if listed else "")
-        + by
+        f"stopped: {connections} connections ({listed}){by}: {served} served, "
+        f"{connections - served} closed before their handler ran "
+        "(failed TLS handshake, or the client left at once)"
     )
 
 
