@@ -100,7 +100,8 @@ async def main(selftest: bool) -> None:
             await server.publish("status", "host is ready")  # write_ALL
             await server.publish("image", host_picture)  # writeImg_ALL
         # The clients have left; the host's handlers end with them.
-    print(f"host stats: {server.stats}")
+    statistics = server.statistics()
+    print(f"host statistics: {statistics}")
 
     if selftest:
         for number in range(CLIENTS):
@@ -111,8 +112,8 @@ async def main(selftest: bool) -> None:
             ], said
             assert uploads[number] == picture(number + 1), number
             assert results[number] == (b"host is ready", host_picture), number
-        assert server.stats.accepted == CLIENTS
-        assert server.stats.closed == {trionet.CloseReason.CLOSED_BY_PEER: CLIENTS}
+        assert statistics.accepted == CLIENTS
+        assert statistics.closed == {trionet.CloseReason.CLOSED_BY_PEER: CLIENTS}
         print("selftest passed")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 import subprocess
@@ -669,7 +670,7 @@ async def test_a_malformed_frame_over_tcp_closes_with_protocol_error(
     assert len(errors) == 1
     assert EXPECTED[kind] in str(errors[0])
     assert reasons == [CloseReason.PROTOCOL_ERROR]
-    assert server.stats.closed == {CloseReason.PROTOCOL_ERROR: 1}
+    assert server.statistics().closed == {CloseReason.PROTOCOL_ERROR: 1}
 
 
 # --------------------------------------------------------------- policies
@@ -809,7 +810,7 @@ async def test_server_publish_reaches_100_clients() -> None:
                 assert await client.receive("image") == bytes(100_000)
                 await client.publish("bye", b"")
     assert sorted(heard) == sorted(f"{i}".encode() for i in range(clients_n))
-    assert server.stats.accepted == clients_n
+    assert server.statistics().accepted == clients_n
     assert server.clients == []
 
 
@@ -832,7 +833,7 @@ async def test_server_clients_lists_open_connections_only() -> None:
         await left.wait()
         await trio.testing.wait_all_tasks_blocked()
         assert server.clients == []
-        assert server.stats.closed == {CloseReason.CLOSED_BY_PEER: 1}
+        assert server.statistics().closed == {CloseReason.CLOSED_BY_PEER: 1}
 
 
 async def test_server_publish_closes_a_slow_client_only() -> None:
@@ -879,6 +880,43 @@ async def test_serve_channels_with_nursery_start() -> None:
         await server.aclose()
 
 
+async def test_serve_channels_reports_a_failure_to_start_as_itself() -> None:
+    # serve_channels runs serve_tcp in its own task, with no nursery between
+    # them to wrap what serve_tcp raises before it started.
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(OSError):
+                await nursery.start(
+                    functools.partial(
+                        trionet.channels.serve_channels,
+                        ChannelConnection.aclose,
+                        port,
+                        host="127.0.0.1",
+                    )
+                )
+
+
+async def test_channel_server_counts_like_a_tcp_server() -> None:
+    async def handler(cc: ChannelConnection) -> None:
+        await cc.receive("go")
+        raise KeyError("from the handler")
+
+    async with open_channel_server(handler) as server:
+        async with connect_channels("127.0.0.1", server.port) as client:
+            await client.publish("go", b"")
+            with pytest.raises(ConnectionClosed):
+                await client.receive("anything")
+        statistics = server.statistics()
+        assert statistics.accepted == 1
+        assert statistics.closed == {CloseReason.ERROR: 1}
+        assert [type(e) for e in server.handler_exceptions] == [KeyError]
+    assert not hasattr(server, "stats")
+    assert not hasattr(server, "handler_errors")
+
+
 async def test_handler_exceptions_are_not_wrapped() -> None:
     done = trio.Event()
 
@@ -893,7 +931,7 @@ async def test_handler_exceptions_are_not_wrapped() -> None:
             await done.wait()
             with pytest.raises(ConnectionClosed):
                 await client.receive("anything")
-        (error,) = server.handler_errors
+        (error,) = server.handler_exceptions
         assert type(error) is KeyError
 
 
