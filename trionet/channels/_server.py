@@ -43,6 +43,7 @@ from .._transport import Address
 from .._util import server_in_block
 from ._connection import (
     DEFAULT_CHANNEL_BUFFER,
+    DEFAULT_MAX_BUFFERED_BYTES,
     DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_SIZE,
     ChannelConnection,
@@ -208,6 +209,7 @@ async def serve_channels(
     handler_nursery: trio.Nursery | None = None,
     max_size: int = DEFAULT_MAX_SIZE,
     channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     policy: Policy = "block",
     max_channels: int = DEFAULT_MAX_CHANNELS,
     task_status: trio.TaskStatus[ChannelServer] = trio.TASK_STATUS_IGNORED,
@@ -238,9 +240,10 @@ async def serve_channels(
             listens on every interface.
         handler_nursery: run connection tasks here instead of in a nursery of
             the server's own.
-        max_size, channel_buffer, policy, max_channels: for every client's
-            :class:`ChannelConnection` (``max_size`` also limits
-            :meth:`ChannelServer.publish`).
+        max_size, channel_buffer, max_buffered_bytes, policy, max_channels:
+            for every client's :class:`ChannelConnection` (``max_size`` also
+            limits :meth:`ChannelServer.publish`).  ``max_buffered_bytes``
+            bounds what each client can make the server hold unread.
         **options: the options of :class:`trionet.ServerOptions` except
             ``framing`` (ssl_context, backlog, accept, max_connections,
             idle_timeout, message_timeout, send_queue_size, grace_period,
@@ -255,6 +258,7 @@ async def serve_channels(
     settings = _Settings(
         max_size=max_size,
         channel_buffer=channel_buffer,
+        max_buffered_bytes=max_buffered_bytes,
         policy=policy,
         max_channels=max_channels,
     )
@@ -278,6 +282,7 @@ async def open_channel_server(
     host: str | Sequence[str] | None = "127.0.0.1",
     max_size: int = DEFAULT_MAX_SIZE,
     channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     policy: Policy = "block",
     max_channels: int = DEFAULT_MAX_CHANNELS,
     **options: Unpack[_TcpOptions],
@@ -305,6 +310,7 @@ async def open_channel_server(
         host=host,
         max_size=max_size,
         channel_buffer=channel_buffer,
+        max_buffered_bytes=max_buffered_bytes,
         policy=policy,
         max_channels=max_channels,
         **options,
@@ -319,6 +325,7 @@ async def connect_channels(
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     policy: Policy = "block",
     max_channels: int = DEFAULT_MAX_CHANNELS,
     ssl_context: ssl.SSLContext | None = None,
@@ -340,8 +347,8 @@ async def connect_channels(
     Args:
         host: name or address to connect to.
         port: TCP port.
-        max_size, channel_buffer, policy, max_channels: see
-            :class:`ChannelConnection`.
+        max_size, channel_buffer, max_buffered_bytes, policy, max_channels:
+            see :class:`ChannelConnection`.
         ssl_context: speak TLS with this context.
         server_hostname: the name the server's certificate must carry
             (default ``host``).
@@ -355,6 +362,7 @@ async def connect_channels(
     settings = _Settings(
         max_size=max_size,
         channel_buffer=channel_buffer,
+        max_buffered_bytes=max_buffered_bytes,
         policy=policy,
         max_channels=max_channels,
     )
