@@ -1382,4 +1382,4 @@ def test_example_runs_its_selftest() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "selftest passed" in result.stdout
-    assert result.stdout.count("status b'host is ready'") == 3
+    assert result.stdout.count("status b'server is ready'") == 3
