@@ -1,17 +1,18 @@
-"""A host and its clients exchanging data on named channels, images included.
+"""A server and its clients exchanging data on named channels, images included.
 
-The scenario of socket.engine's README, with trionet.channels: clients
-connect and write ``"client is connected!"`` on the ``"test"`` channel; the
-host reads everything each client sent on that channel; the host writes to
-all clients at once, a status line on ``"status"`` and a picture on
-``"image"``; each client reads the most recent status and the picture, and
-sends a picture of its own back.  Everything runs over loopback.
+The scenario of socket.engine's README, with trionet.channels playing both
+parts (socket.engine's host, here a trionet server, and its clients):
+clients connect and write ``"client is connected!"`` on the ``"test"``
+channel; the server reads everything each client sent on that channel; the
+server writes to all clients at once, a status line on ``"status"`` and a
+picture on ``"image"``; each client reads the most recent status and the
+picture, and sends a picture of its own back.  Everything runs over loopback.
 
 Run it with ``python examples/engine_host_client.py``; it ends by itself.
 With ``--selftest`` it also checks every result and exits non-zero if one is
 wrong.
 
-socket.engine call          trionet.channels
+socket.engine call          trionet.channels (socket.engine's host = the server)
 --------------------------  -----------------------------------------------
 host(); host.start()        open_channel_server(handler) / serve_channels
 client(); client.start()    connect_channels(host, port)
@@ -51,26 +52,26 @@ def digest(data: bytes) -> str:
 
 
 async def main(selftest: bool) -> None:
-    host_picture = picture(0)
-    # Everything the host read on "test" from each client, keyed by number.
+    server_picture = picture(0)
+    # Everything the server read on "test" from each client, keyed by number.
     said: dict[int, list[bytes]] = {}
     uploads: dict[int, bytes] = {}
     everyone_greeted = trio.Event()
 
-    async def host_handler(cc: trionet.channels.ChannelConnection) -> None:
+    async def server_handler(cc: trionet.channels.ChannelConnection) -> None:
         # One task per client.  get_ALL("test"): wait for the first message,
         # then take everything else received on "test" so far.
         first = await cc.receive("test")
         number = int(first.split(b" ")[1])
         said[number] = [first, *cc.drain("test")]
-        print(f"host: client {number} said {said[number]}")
+        print(f"server: client {number} said {said[number]}")
         if len(said) == CLIENTS:
             everyone_greeted.set()
         # The client's own picture, then whatever else it sends until it leaves.
         uploads[number] = await cc.receive("image")
-        print(f"host: client {number} sent a picture, {digest(uploads[number])}")
+        print(f"server: client {number} sent a picture, {digest(uploads[number])}")
         async for channel, data in cc:
-            print(f"host: client {number} on {channel!r}: {data.decode()}")
+            print(f"server: client {number} on {channel!r}: {data.decode()}")
             said[number].append(data)
 
     async def client(number: int, port: int, results: dict[int, object]) -> None:
@@ -78,7 +79,7 @@ async def main(selftest: bool) -> None:
             await cc.publish("test", f"client {number} is connected!")
             await cc.publish("test", f"client {number} wants pictures")
             await cc.publish("image", picture(number + 1))
-            # The host's picture arrives after its status line, so by then
+            # The server's picture arrives after its status line, so by then
             # latest("status") holds it: socket.engine's client.get().
             image = await cc.receive("image")
             status = cc.latest("status")
@@ -90,17 +91,18 @@ async def main(selftest: bool) -> None:
             await cc.publish("test", f"client {number} got {len(image)} bytes")
 
     results: dict[int, object] = {}
-    async with trionet.channels.open_channel_server(host_handler) as server:
-        print(f"host listening on 127.0.0.1:{server.port}")
+    async with trionet.channels.open_channel_server(server_handler) as server:
+        print(f"server listening on 127.0.0.1:{server.port}")
         async with trio.open_nursery() as nursery:
             for number in range(CLIENTS):
                 nursery.start_soon(client, number, server.port, results)
             await everyone_greeted.wait()
-            print(f"host: {len(server.clients)} clients connected")
-            await server.publish("status", "host is ready")  # write_ALL
-            await server.publish("image", host_picture)  # writeImg_ALL
-        # The clients have left; the host's handlers end with them.
-    print(f"host stats: {server.stats}")
+            print(f"server: {len(server.clients)} clients connected")
+            await server.publish("status", "server is ready")  # write_ALL
+            await server.publish("image", server_picture)  # writeImg_ALL
+        # The clients have left; the server's handlers end with them.
+    statistics = server.statistics()
+    print(f"server statistics: {statistics}")
 
     if selftest:
         for number in range(CLIENTS):
@@ -110,9 +112,9 @@ async def main(selftest: bool) -> None:
                 f"client {number} got {WIDTH * HEIGHT * 3} bytes".encode(),
             ], said
             assert uploads[number] == picture(number + 1), number
-            assert results[number] == (b"host is ready", host_picture), number
-        assert server.stats.accepted == CLIENTS
-        assert server.stats.closed == {trionet.CloseReason.CLOSED_BY_PEER: CLIENTS}
+            assert results[number] == (b"server is ready", server_picture), number
+        assert statistics.accepted == CLIENTS
+        assert statistics.closed == {trionet.CloseReason.CLOSED_BY_PEER: CLIENTS}
         print("selftest passed")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import random
 import subprocess
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trionet
@@ -252,10 +254,16 @@ async def test_drain_takes_everything_buffered_in_order(
             await a.publish("log", f"line {i}")
         await a.publish("sync", b"")
         await b.receive("sync")  # everything before it has arrived
+        assert b.statistics("log") == trionet.channels.ChannelStatistics(
+            received=5, buffered=5, buffered_bytes=5 * len(b"line 0"), dropped=0
+        )
         assert b.drain("log") == [f"line {i}".encode() for i in range(5)]
         assert b.drain("log") == []
         assert b.statistics("log") == trionet.channels.ChannelStatistics(
-            received=5, buffered=0, dropped=0
+            received=5, buffered=0, buffered_bytes=0, dropped=0
+        )
+        assert b.statistics() == trionet.channels.ChannelStatistics(
+            received=6, buffered=0, buffered_bytes=0, dropped=0
         )
 
 
@@ -670,7 +678,7 @@ async def test_a_malformed_frame_over_tcp_closes_with_protocol_error(
     assert len(errors) == 1
     assert EXPECTED[kind] in str(errors[0])
     assert reasons == [CloseReason.PROTOCOL_ERROR]
-    assert server.stats.closed == {CloseReason.PROTOCOL_ERROR: 1}
+    assert server.statistics().closed == {CloseReason.PROTOCOL_ERROR: 1}
 
 
 # --------------------------------------------------------------- policies
@@ -776,6 +784,300 @@ async def test_close_policy_on_a_server_counts_slow_consumer() -> None:
     assert reasons == [CloseReason.SLOW_CONSUMER]
 
 
+# ------------------------------------------- bytes buffered per connection
+
+
+def sized(index: int, size: int) -> bytes:
+    """A payload of ``size`` bytes (at least 4) that says which message it is."""
+    return index.to_bytes(4, "big") + bytes(size - 4)
+
+
+def model(
+    policy: str, sent: list[tuple[str, bytes]], channel_buffer: int, max_bytes: int
+) -> tuple[list[tuple[str, bytes]], int, bool]:
+    """What a receiver that takes nothing buffers after ``sent``:
+    ``(buffered, dropped, closed)``, from the documented rules alone."""
+    kept: list[tuple[str, bytes]] = []
+    dropped = 0
+    for channel, data in sent:
+        on_channel = [item for item in kept if item[0] == channel]
+        used = sum(len(d) for _, d in kept)
+        full = len(on_channel) >= channel_buffer or (
+            kept != [] and used + len(data) > max_bytes
+        )
+        if full and policy in ("block", "close"):
+            return kept, 0, policy == "close"
+        if full:
+            if len(on_channel) >= channel_buffer:
+                kept.remove(on_channel[0])
+                dropped += 1
+            while kept and sum(len(d) for _, d in kept) + len(data) > max_bytes:
+                del kept[0]
+                dropped += 1
+        kept.append((channel, data))
+    return kept, dropped, False
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    policy=st.sampled_from(["block", "latest", "close"]),
+    shape=st.lists(st.tuples(st.sampled_from("abc"), st.integers(4, 300)), max_size=40),
+    channel_buffer=st.integers(1, 6),
+    max_bytes=st.integers(1, 800),
+)
+def test_buffers_hold_what_the_bounds_allow_and_no_more(
+    policy: str,
+    shape: list[tuple[str, int]],
+    channel_buffer: int,
+    max_bytes: int,
+) -> None:
+    sent = [(channel, sized(i, size)) for i, (channel, size) in enumerate(shape)]
+    kept, dropped, closed = model(policy, sent, channel_buffer, max_bytes)
+
+    async def main() -> None:
+        options = {
+            "policy": policy,
+            "channel_buffer": channel_buffer,
+            "max_buffered_bytes": max_bytes,
+        }
+        async with memory_pair(**options) as (a, b):
+            for channel, data in sent:
+                if b.close_reason is not None:
+                    break  # "close" closed it: nothing more can be sent
+                await a.publish(channel, data)
+                await trio.testing.wait_all_tasks_blocked()
+                total = b.statistics()
+                # never over the bound, unless one message alone is buffered
+                assert total.buffered_bytes <= max_bytes or total.buffered == 1
+            total = b.statistics()
+            assert total.buffered == len(kept)
+            assert total.buffered_bytes == sum(len(d) for _, d in kept)
+            assert total.dropped == b.dropped == dropped
+            for channel in "abc":
+                mine = [d for c, d in kept if c == channel]
+                one = b.statistics(channel)
+                assert (one.buffered, one.buffered_bytes) == (
+                    len(mine),
+                    sum(map(len, mine)),
+                )
+            assert (b.close_reason is CloseReason.SLOW_CONSUMER) is closed
+            await a.aclose()
+            got = []
+            with contextlib.suppress(ConnectionClosed):
+                async for item in b:
+                    got.append(item)
+            if policy == "block":
+                assert got == sent  # held back, never lost
+            else:
+                assert got == kept
+
+    trio.run(main)
+
+
+async def test_block_at_the_byte_bound_resumes_as_bytes_are_taken() -> None:
+    async with memory_pair(max_buffered_bytes=1000) as (a, b):
+        sent = [("ab"[i % 2], sized(i, 300)) for i in range(10)]
+        for channel, data in sent:
+            await a.publish(channel, data)
+        await trio.testing.wait_all_tasks_blocked()
+        # three fit (900 bytes); the fourth waits in the reader
+        assert b.statistics() == trionet.channels.ChannelStatistics(
+            received=3, buffered=3, buffered_bytes=900, dropped=0
+        )
+        assert b.statistics("a").buffered_bytes == 600
+        assert await b.receive("b") == sent[1][1]  # frees 300: one more fits
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.statistics().buffered_bytes == 900
+        assert b.statistics().received == 4
+        assert b.drain("a") == [sent[0][1], sent[2][1]]  # "a4" is still held
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.statistics().buffered_bytes == 900
+        rest = [await b.__anext__() for _ in range(7)]
+        assert rest == sent[3:]
+        assert b.dropped == 0
+        assert b.statistics().buffered_bytes == 0
+
+
+async def test_block_admits_a_message_over_the_bound_when_nothing_is_buffered() -> None:
+    async with memory_pair(max_buffered_bytes=100) as (a, b):
+        await a.publish("big", sized(0, 500))
+        await a.publish("small", sized(1, 10))
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.statistics().buffered_bytes == 500  # admitted, alone
+        assert b.latest("small") is None  # the next one waits for it
+        assert await b.receive("big") == sized(0, 500)
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.drain("small") == [sized(1, 10)]
+        await a.publish("big", sized(2, 500))  # and again, nothing buffered
+        assert await b.receive("big") == sized(2, 500)
+
+
+async def test_block_hands_the_held_message_to_a_consumer_that_starts_waiting() -> None:
+    async with memory_pair(max_buffered_bytes=100) as (a, b):
+        await a.publish("unread", sized(0, 80))
+        await a.publish("wanted", sized(1, 50))  # does not fit beside "unread"
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.statistics("wanted").received == 0
+        with trio.fail_after(10):  # a guard against a hang, not a timing
+            assert await b.receive("wanted") == sized(1, 50)
+        assert b.statistics().buffered_bytes == 80
+
+
+async def test_a_reader_blocked_on_bytes_ends_with_the_connection() -> None:
+    async with memory_pair(max_buffered_bytes=100) as (a, b):
+        await a.publish("x", sized(0, 80))
+        await a.publish("x", sized(1, 80))
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+
+            async def wait_on_another_channel() -> None:
+                with pytest.raises(ConnectionClosed):
+                    await b.receive("other")
+
+            nursery.start_soon(wait_on_another_channel)
+            await trio.testing.wait_all_tasks_blocked()
+            await b.aclose()
+        assert b.close_reason is CloseReason.CLOSED_BY_HOST
+        assert b.drain("x") == [sized(0, 80)]  # what was buffered stays readable
+
+
+async def test_close_policy_at_the_byte_bound_says_which_bound() -> None:
+    async with memory_pair(max_buffered_bytes=100, policy="close") as (a, b):
+        await a.publish("x", sized(0, 60))
+        await a.publish("y", sized(1, 60))
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.close_reason is CloseReason.SLOW_CONSUMER
+        assert b.drain("x") == [sized(0, 60)]
+        with pytest.raises(ConnectionClosed, match="max_buffered_bytes=100") as info:
+            await b.receive("y")
+        assert info.value.reason is CloseReason.SLOW_CONSUMER
+        assert "60 bytes are unread" in str(info.value)
+
+
+async def test_latest_policy_at_the_byte_bound_drops_the_oldest_of_any_channel() -> (
+    None
+):
+    async with memory_pair(max_buffered_bytes=1000, policy="latest") as (a, b):
+        sent = [("abc"[i % 3], sized(i, 100)) for i in range(30)]
+        for channel, data in sent:
+            await a.publish(channel, data)
+        await a.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.dropped == 20
+        assert sum(b.statistics(c).dropped for c in "abc") == 20
+        assert b.latest("a") == sent[27][1]
+        assert [item async for item in b] == sent[20:]
+
+
+@asynccontextmanager
+async def flood_server(
+    **options: Any,
+) -> AsyncIterator[tuple[trionet.channels.ChannelServer, list[ChannelConnection]]]:
+    """A server whose handler answers "rpc" requests and never reads the
+    other channels; yields it and the list of its ChannelConnections."""
+    accepted: list[ChannelConnection] = []
+
+    async def handler(cc: ChannelConnection) -> None:
+        accepted.append(cc)
+        while True:
+            request = await cc.receive("rpc")
+            await cc.publish("rpc", request.upper())
+
+    async with open_channel_server(handler, grace_period=0, **options) as server:
+        yield server, accepted
+
+
+async def test_a_flooding_client_is_held_back_and_the_server_serves_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bound = 1 << 20
+    size = 256 * 1024
+    count = 128  # 32 MiB: more than every kernel buffer on the way
+    peak = 0
+    deliver = ChannelConnection._deliver
+
+    def watched(self: ChannelConnection, name: str, data: bytes) -> bool:
+        nonlocal peak
+        delivered = deliver(self, name, data)
+        peak = max(peak, self.statistics().buffered_bytes)
+        return delivered
+
+    monkeypatch.setattr(ChannelConnection, "_deliver", watched)
+    published = 0
+    async with flood_server(max_buffered_bytes=bound) as (server, accepted):
+        async with connect_channels("127.0.0.1", server.port) as flooder:
+            await flooder.publish("rpc", b"hello")
+            assert await flooder.receive("rpc") == b"HELLO"
+            (flooded,) = accepted
+
+            async def flood() -> None:
+                nonlocal published
+                for i in range(count):
+                    await flooder.publish(f"bulk{i % 8}", sized(i, size))
+                    published += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood)
+                await trio.testing.wait_all_tasks_blocked()
+                assert published < count  # its publishes wait: TCP backpressure
+                assert flooded.statistics().buffered_bytes <= bound
+                async with connect_channels("127.0.0.1", server.port) as other:
+                    for i in range(20):
+                        await other.publish("rpc", f"request {i}")
+                        assert await other.receive("rpc") == f"REQUEST {i}".encode()
+                        assert published < count  # still held back
+                # the handler starts reading: everything arrives, in order
+                got = [await flooded.__anext__() for _ in range(count)]
+            assert published == count
+    assert got == [(f"bulk{i % 8}", sized(i, size)) for i in range(count)]
+    assert peak <= bound
+
+
+async def test_close_policy_at_the_byte_bound_evicts_only_the_flooder() -> None:
+    async with flood_server(max_buffered_bytes=1 << 20, policy="close") as (
+        server,
+        accepted,
+    ):
+        async with connect_channels("127.0.0.1", server.port) as flooder:
+            await flooder.publish("rpc", b"hello")
+            await flooder.receive("rpc")
+            with pytest.raises(ConnectionClosed):
+                for i in range(64):  # 16 MiB, far past the bound
+                    await flooder.publish(f"bulk{i % 8}", sized(i, 256 * 1024))
+                with trio.fail_after(10):  # a guard against a hang
+                    await flooder.receive("never")
+            async with connect_channels("127.0.0.1", server.port) as other:
+                await other.publish("rpc", b"still there?")
+                assert await other.receive("rpc") == b"STILL THERE?"
+            assert accepted[0].close_reason is CloseReason.SLOW_CONSUMER
+            assert accepted[0].statistics().buffered_bytes <= 1 << 20
+        closed = server.statistics().closed
+        assert closed[CloseReason.SLOW_CONSUMER] == 1
+
+
+async def test_latest_policy_at_the_byte_bound_over_tcp_keeps_the_newest() -> None:
+    kept: list[tuple[str, bytes]] = []
+
+    async def handler(cc: ChannelConnection) -> None:
+        await cc.receive("done")  # every message before it went through
+        total = cc.statistics()
+        assert total.buffered_bytes <= 1 << 20
+        kept.extend([await cc.__anext__() for _ in range(total.buffered)])
+        await cc.publish("done", str(total.dropped))
+
+    size = 256 * 1024
+    sent = [(f"bulk{i % 8}", sized(i, size)) for i in range(40)]
+    async with open_channel_server(
+        handler, max_buffered_bytes=1 << 20, policy="latest"
+    ) as server:
+        async with connect_channels("127.0.0.1", server.port) as client:
+            for channel, data in sent:
+                await client.publish(channel, data)
+            await client.publish("done", b"")
+            assert await client.receive("done") == b"36"
+    assert kept == sent[-4:]
+
+
 # ------------------------------------------------------- server and client
 
 
@@ -810,7 +1112,7 @@ async def test_server_publish_reaches_100_clients() -> None:
                 assert await client.receive("image") == bytes(100_000)
                 await client.publish("bye", b"")
     assert sorted(heard) == sorted(f"{i}".encode() for i in range(clients_n))
-    assert server.stats.accepted == clients_n
+    assert server.statistics().accepted == clients_n
     assert server.clients == []
 
 
@@ -833,7 +1135,7 @@ async def test_server_clients_lists_open_connections_only() -> None:
         await left.wait()
         await trio.testing.wait_all_tasks_blocked()
         assert server.clients == []
-        assert server.stats.closed == {CloseReason.CLOSED_BY_PEER: 1}
+        assert server.statistics().closed == {CloseReason.CLOSED_BY_PEER: 1}
 
 
 async def test_server_publish_closes_a_slow_client_only() -> None:
@@ -880,6 +1182,43 @@ async def test_serve_channels_with_nursery_start() -> None:
         await server.aclose()
 
 
+async def test_serve_channels_reports_a_failure_to_start_as_itself() -> None:
+    # serve_channels runs serve_tcp in its own task, with no nursery between
+    # them to wrap what serve_tcp raises before it started.
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(OSError):
+                await nursery.start(
+                    functools.partial(
+                        trionet.channels.serve_channels,
+                        ChannelConnection.aclose,
+                        port,
+                        host="127.0.0.1",
+                    )
+                )
+
+
+async def test_channel_server_counts_like_a_tcp_server() -> None:
+    async def handler(cc: ChannelConnection) -> None:
+        await cc.receive("go")
+        raise KeyError("from the handler")
+
+    async with open_channel_server(handler) as server:
+        async with connect_channels("127.0.0.1", server.port) as client:
+            await client.publish("go", b"")
+            with pytest.raises(ConnectionClosed):
+                await client.receive("anything")
+        statistics = server.statistics()
+        assert statistics.accepted == 1
+        assert statistics.closed == {CloseReason.ERROR: 1}
+        assert [type(e) for e in server.handler_exceptions] == [KeyError]
+    assert not hasattr(server, "stats")
+    assert not hasattr(server, "handler_errors")
+
+
 async def test_handler_exceptions_are_not_wrapped() -> None:
     done = trio.Event()
 
@@ -894,7 +1233,7 @@ async def test_handler_exceptions_are_not_wrapped() -> None:
             await done.wait()
             with pytest.raises(ConnectionClosed):
                 await client.receive("anything")
-        (error,) = server.handler_errors
+        (error,) = server.handler_exceptions
         assert type(error) is KeyError
 
 
@@ -962,6 +1301,8 @@ async def test_without_a_reader_receiving_is_an_error() -> None:
     [
         {"policy": "sometimes"},
         {"channel_buffer": 0},
+        {"max_buffered_bytes": 0},
+        {"max_buffered_bytes": -1},
         {"max_channels": 0},
         {"max_size": 4},
         {"max_size": 1 << 32},
@@ -974,6 +1315,15 @@ async def test_options_are_validated(options: dict[str, Any]) -> None:
         with pytest.raises(ValueError):
             async with open_channel_server(ChannelConnection.aclose, **options):
                 pass  # pragma: no cover
+
+
+async def test_max_buffered_bytes_must_be_an_int() -> None:
+    async with trionet.testing.connection_pair() as (left, _right):
+        with pytest.raises(TypeError, match="max_buffered_bytes must be an int"):
+            ChannelConnection(left, max_buffered_bytes=1.5)  # type: ignore[arg-type]
+        cc = ChannelConnection(left)
+        assert cc.max_buffered_bytes == 16 * 1024 * 1024  # the documented default
+        assert cc.policy == "block"
 
 
 async def test_invalid_channel_names_are_refused_everywhere() -> None:
@@ -1033,4 +1383,4 @@ def test_example_runs_its_selftest() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "selftest passed" in result.stdout
-    assert result.stdout.count("status b'host is ready'") == 3
+    assert result.stdout.count("status b'server is ready'") == 3

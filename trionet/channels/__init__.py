@@ -1,9 +1,10 @@
 """Named channels: publish / subscribe over one connection.
 
-A host and its clients exchange messages on named channels (``"status"``,
+A server and its clients exchange messages on named channels (``"status"``,
 ``"image"``, ...) over one TCP connection each.  The receiver keeps the most
-recent payload of every channel and buffers unread ones per channel; the host
-can publish to every client at once.  See :doc:`/channels` for the wire
+recent payload of every channel and buffers unread ones per channel, within
+bounds in messages and in bytes; the server can publish to every client at
+once.  See :doc:`/channels` for the wire
 format and the delivery rules.
 
 .. versionadded:: 0.1

@@ -37,10 +37,20 @@ message goes to the next consumer or into the buffer.  While a consumer
 waits, its channel (or, for ``async for``, every channel) is empty, so a
 buffered message never sits beside an eligible waiter.
 
-Full buffers.  Under "block" the reader stops reading until a consumer frees
-a slot in that channel (the kernel buffers fill and TCP slows the sender);
-under "latest" the oldest buffered message is dropped and counted; under
-"close" the connection is closed with SLOW_CONSUMER.
+Full buffers.  Two bounds hold a message back: ``channel_buffer`` unread
+messages per channel, and ``max_buffered_bytes`` unread payload bytes across
+every channel (``_buffered_bytes``; a message arriving when nothing is
+buffered is always admitted, so one message larger than the bound cannot
+deadlock the connection).  Under "block" the reader keeps the message it
+holds and parks on ``_space`` (the kernel buffers fill and TCP slows the
+sender); ``_blocked_on`` says what it waits for: a channel's name (a slot in
+that channel) or ``_ANY_CHANNEL`` (bytes, freed by a take on any channel, or
+a consumer that starts waiting for the message it holds).  Every take wakes
+the reader when it frees what the reader waits for; the reader checks again.
+Under "latest" the channel's oldest message makes room for a full channel,
+and the oldest messages of the whole connection (the ones ``async for``
+would take next) make room for bytes; each drop is counted.  Under "close"
+the connection is closed with SLOW_CONSUMER.
 
 Ending.  The first failure (end of stream, protocol error, close) is kept.
 Messages already buffered are still delivered; after them every receive
@@ -68,6 +78,7 @@ from .._exceptions import (
     ProtocolError,
     TrionetError,
 )
+from .._options import positive_int
 from .._util import unwrap_single_exception
 from ._wire import FRAME_HEADER_SIZE, PREFIX_SIZE, channel_header, decode, encode_frame
 
@@ -76,6 +87,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CHANNEL_BUFFER",
+    "DEFAULT_MAX_BUFFERED_BYTES",
     "DEFAULT_MAX_CHANNELS",
     "DEFAULT_MAX_SIZE",
     "ChannelConnection",
@@ -87,9 +99,11 @@ __all__ = [
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 #: Unread messages each channel buffers.
 DEFAULT_CHANNEL_BUFFER = 1024
+#: Unread payload bytes one connection buffers across all its channels (16 MiB).
+DEFAULT_MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 #: Distinct channels a peer may send on.
 DEFAULT_MAX_CHANNELS = 1024
-#: What a channel whose buffer is full does with the next message.
+#: What a full buffer (of a channel, or of the connection) does with the next message.
 Policy: TypeAlias = Literal["block", "latest", "close"]
 
 _POLICIES = ("block", "latest", "close")
@@ -97,6 +111,9 @@ _POLICIES = ("block", "latest", "close")
 _TAKES_PER_YIELD = 64
 #: Stale entries of ``_order`` tolerated beyond the number of live ones.
 _STALE_SLACK = 64
+#: ``_blocked_on`` while the reader waits for bytes to be freed on any channel
+#: (never a channel name: names are at least one byte long).
+_ANY_CHANNEL = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -112,15 +129,16 @@ class _Settings:
         ],
     )
     channel_buffer: int = attrs.field(
-        default=DEFAULT_CHANNEL_BUFFER,
-        validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)],
+        default=DEFAULT_CHANNEL_BUFFER, validator=positive_int
+    )
+    max_buffered_bytes: int = attrs.field(
+        default=DEFAULT_MAX_BUFFERED_BYTES, validator=positive_int
     )
     policy: Policy = attrs.field(
         default="block", validator=attrs.validators.in_(_POLICIES)
     )
     max_channels: int = attrs.field(
-        default=DEFAULT_MAX_CHANNELS,
-        validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)],
+        default=DEFAULT_MAX_CHANNELS, validator=positive_int
     )
 
     @property
@@ -130,25 +148,32 @@ class _Settings:
 
 @attrs.frozen
 class ChannelStatistics:
-    """A snapshot of one channel's counters on a :class:`ChannelConnection`.
+    """A snapshot of the counters of one channel, or of every channel together,
+    on a :class:`ChannelConnection` (see :meth:`ChannelConnection.statistics`).
 
     .. versionadded:: 0.1
     """
 
-    #: Messages accepted on the channel (delivered or buffered), ever.
+    #: Messages accepted (delivered or buffered), ever.
     received: int
     #: Messages buffered now, not yet taken by any consumer.
     buffered: int
-    #: Messages dropped because the buffer was full (policy "latest").
+    #: Payload bytes of those buffered messages.  Across every channel this
+    #: stays within ``max_buffered_bytes``, or is one message larger than
+    #: that bound when that message alone is buffered.
+    buffered_bytes: int
+    #: Messages dropped to make room (policy ``"latest"``), ever.
     dropped: int
 
 
 class _Channel:
-    __slots__ = ("dropped", "latest", "name", "queue", "received", "skip")
+    __slots__ = ("dropped", "latest", "name", "queue", "received", "size", "skip")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.queue: deque[bytes] = deque()
+        # Payload bytes in ``queue``.
+        self.size = 0
         # How many of this channel's oldest entries in ``_order`` are stale:
         # their message was taken by receive/drain, or dropped.
         self.skip = 0
@@ -197,17 +222,29 @@ class ChannelConnection:
     wait).  Per channel, messages are delivered in the order they were sent.
     :meth:`latest` only peeks and never takes a message.
 
-    **Full buffers.**  Each channel buffers at most ``channel_buffer`` unread
-    messages.  When one more arrives, ``policy`` decides:
+    **Full buffers.**  Two bounds limit what the peer can make this side
+    hold: each channel buffers at most ``channel_buffer`` unread messages,
+    and the connection at most ``max_buffered_bytes`` unread payload bytes
+    across all its channels.  When a message arrives that no consumer is
+    waiting for and that would break a bound, ``policy`` decides:
 
-    * ``"block"`` (default): stop reading the connection until a consumer
-      takes a message from that channel.  Nothing is lost; TCP slows the
-      sender down.  Messages on *other* channels wait too, so keep every
+    * ``"block"`` (default): stop reading the connection until consumers
+      take enough (a message from that channel, or enough bytes from any
+      channel).  Nothing is lost; TCP slows the sender down, and only this
+      connection's.  Messages on *other* channels wait too, so keep every
       channel the peer sends on drained (or use another policy).
-    * ``"latest"``: drop the channel's oldest unread message and count it
-      (:attr:`dropped`).  :meth:`latest` still sees every message.
+    * ``"latest"``: drop the oldest unread messages and count them
+      (:attr:`dropped`): the channel's oldest when the channel is full, the
+      connection's oldest (in arrival order, whatever their channel) until
+      the message fits when bytes are short.  :meth:`latest` still sees
+      every message.
     * ``"close"``: close the connection with
       :attr:`~trionet.CloseReason.SLOW_CONSUMER`.
+
+    A message that arrives while nothing is buffered is always accepted,
+    even one larger than ``max_buffered_bytes`` (up to ``max_size``), so
+    such a message never blocks the connection for ever: the buffered bytes
+    stay within ``max_buffered_bytes``, or are that one message.
 
     **Ending.**  Messages that arrived before the connection ended are still
     delivered.  After them :meth:`receive` raises
@@ -228,7 +265,9 @@ class ChannelConnection:
             accepted, in bytes.  Both sides should agree; a larger incoming
             frame is a protocol error.
         channel_buffer: unread messages buffered per channel.
-        policy: ``"block"``, ``"latest"`` or ``"close"``: what a full channel
+        max_buffered_bytes: unread payload bytes buffered across every
+            channel (default 16 MiB).
+        policy: ``"block"``, ``"latest"`` or ``"close"``: what a full
             buffer does (see above).
         max_channels: distinct channels the peer may send on; one more is a
             protocol error.  Bounds the memory a peer can make this side hold.
@@ -240,6 +279,7 @@ class ChannelConnection:
         "_any_waiters",
         "_blocked_on",
         "_buffered",
+        "_buffered_bytes",
         "_channels",
         "_conn",
         "_dropped",
@@ -260,12 +300,14 @@ class ChannelConnection:
         *,
         max_size: int = DEFAULT_MAX_SIZE,
         channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         policy: Policy = "block",
         max_channels: int = DEFAULT_MAX_CHANNELS,
     ) -> None:
         settings = _Settings(
             max_size=max_size,
             channel_buffer=channel_buffer,
+            max_buffered_bytes=max_buffered_bytes,
             policy=policy,
             max_channels=max_channels,
         )
@@ -286,6 +328,7 @@ class ChannelConnection:
         self._channels: dict[str, _Channel] = {}
         self._order: deque[str] = deque()
         self._buffered = 0
+        self._buffered_bytes = 0
         self._dropped = 0
         self._waiters: dict[str, deque[_Waiter]] = {}
         self._any_waiters: deque[_Waiter] = deque()
@@ -317,9 +360,13 @@ class ChannelConnection:
         return self._settings.max_size
 
     @property
+    def max_buffered_bytes(self) -> int:
+        """The unread payload bytes buffered across every channel, at most."""
+        return self._settings.max_buffered_bytes
+
+    @property
     def policy(self) -> Policy:
-        """What a full channel buffer does: ``"block"``, ``"latest"`` or
-        ``"close"``."""
+        """What a full buffer does: ``"block"``, ``"latest"`` or ``"close"``."""
         return self._settings.policy
 
     @property
@@ -333,21 +380,36 @@ class ChannelConnection:
         (policy ``"latest"``)."""
         return self._dropped
 
-    def statistics(self, channel: str) -> ChannelStatistics:
-        """A snapshot of ``channel``'s counters (zeros for a channel never seen)."""
+    def statistics(self, channel: str | None = None) -> ChannelStatistics:
+        """A snapshot of ``channel``'s counters (zeros for a channel never
+        seen), or with no argument of every channel together: the whole
+        connection's buffered messages and bytes, for instance."""
+        if channel is None:
+            return ChannelStatistics(
+                received=sum(ch.received for ch in self._channels.values()),
+                buffered=self._buffered,
+                buffered_bytes=self._buffered_bytes,
+                dropped=self._dropped,
+            )
         channel_header(channel)
         ch = self._channels.get(channel)
         if ch is None:
-            return ChannelStatistics(received=0, buffered=0, dropped=0)
+            return ChannelStatistics(
+                received=0, buffered=0, buffered_bytes=0, dropped=0
+            )
         return ChannelStatistics(
-            received=ch.received, buffered=len(ch.queue), dropped=ch.dropped
+            received=ch.received,
+            buffered=len(ch.queue),
+            buffered_bytes=ch.size,
+            dropped=ch.dropped,
         )
 
     def __repr__(self) -> str:
         state = "open" if self.close_reason is None else self.close_reason.name
         return (
             f"<trionet.channels.ChannelConnection {self._conn.remote_address} "
-            f"{state} channels={len(self._channels)} buffered={self._buffered}>"
+            f"{state} channels={len(self._channels)} buffered={self._buffered} "
+            f"buffered_bytes={self._buffered_bytes}>"
         )
 
     # ---------------------------------------------------------------- sending
@@ -395,7 +457,7 @@ class ChannelConnection:
             return []
         items = list(ch.queue)
         ch.queue.clear()
-        self._taken_from_front(ch, len(items))
+        self._taken_from_front(ch, len(items), ch.size)
         return items
 
     async def receive(self, channel: str) -> bytes:
@@ -415,7 +477,7 @@ class ChannelConnection:
         ch = self._channels.get(channel)
         if ch is not None and ch.queue:
             data = ch.queue.popleft()
-            self._taken_from_front(ch, 1)
+            self._taken_from_front(ch, 1, len(data))
             await self._after_take()
             return data
         if self._failure is None:
@@ -433,19 +495,10 @@ class ChannelConnection:
         Iteration stops when the peer closed cleanly and nothing is left.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        order = self._order
-        while order:
-            name = order.popleft()
-            ch = self._channels[name]
-            if ch.skip:
-                ch.skip -= 1
-                continue
-            data = ch.queue.popleft()
-            self._buffered -= 1
-            if self._blocked_on == name:
-                self._space.unpark_all()
+        if self._buffered:
+            ch, data = self._take_oldest()
             await self._after_take()
-            return name, data
+            return ch.name, data
         if self._failure is None:
             waiter = await self._wait(None)
             if not waiter.closed:
@@ -472,6 +525,10 @@ class ChannelConnection:
             waiters = self._waiters.setdefault(channel, deque())
         waiter = _Waiter(next(self._seq))
         waiters.append(waiter)
+        if self._blocked_on is not None:
+            # The reader may hold the very message this consumer wants,
+            # waiting for bytes: let it try to hand that message over.
+            self._space.unpark_all()
         try:
             await waiter.lot.park()
         finally:
@@ -488,14 +545,36 @@ class ChannelConnection:
             self._takes = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def _taken_from_front(self, ch: _Channel, count: int) -> None:
-        """``count`` messages left ``ch``'s front other than through ``_order``."""
+    def _take_oldest(self) -> tuple[_Channel, bytes]:
+        """Take the oldest buffered message of any channel (one must be buffered)."""
+        order = self._order
+        channels = self._channels
+        while True:
+            ch = channels[order.popleft()]
+            if ch.skip:
+                ch.skip -= 1
+                continue
+            data = ch.queue.popleft()
+            self._removed(ch, 1, len(data))
+            return ch, data
+
+    def _taken_from_front(self, ch: _Channel, count: int, size: int) -> None:
+        """``count`` messages of ``size`` bytes in all left ``ch``'s front
+        other than through ``_order``."""
         ch.skip += count
-        self._buffered -= count
-        if self._blocked_on == ch.name:
-            self._space.unpark_all()
+        self._removed(ch, count, size)
         if len(self._order) > 2 * self._buffered + _STALE_SLACK:
             self._compact()
+
+    def _removed(self, ch: _Channel, count: int, size: int) -> None:
+        """Account for messages that left ``ch``'s buffer; wake the reader
+        if it waits for what they freed."""
+        ch.size -= size
+        self._buffered -= count
+        self._buffered_bytes -= size
+        blocked = self._blocked_on
+        if blocked is not None and (blocked == ch.name or blocked == _ANY_CHANNEL):
+            self._space.unpark_all()
 
     def _compact(self) -> None:
         # Remove every stale name: for each channel, its ``skip`` oldest.
@@ -532,8 +611,9 @@ class ChannelConnection:
                 payload = await conn.receive()
                 channel, data = decode(payload)
                 while not self._deliver(channel, data):
-                    # Policy "block": wait for a consumer to free a slot.
-                    self._blocked_on = channel
+                    # Policy "block": wait for consumers to free room (what
+                    # room, _deliver wrote in _blocked_on), then try again.
+                    # A cancellation here ends the connection anyway.
                     try:
                         await self._space.park()
                     finally:
@@ -555,7 +635,8 @@ class ChannelConnection:
         return self._failure is not None
 
     def _deliver(self, name: str, data: bytes) -> bool:
-        """Hand one message on; False if it must wait for buffer space.
+        """Hand one message on; False if it must wait for buffer space (then
+        ``_blocked_on`` says for what).
 
         Raises:
             ProtocolError: the peer exceeded ``max_channels``.
@@ -570,32 +651,71 @@ class ChannelConnection:
                 )
             ch = self._channels[name] = _Channel(name)
         if not self._hand_over(name, data):
+            settings = self._settings
             queue = ch.queue
-            if len(queue) >= self._settings.channel_buffer:
-                policy = self._settings.policy
+            size = len(data)
+            full: str | None = None
+            if len(queue) >= settings.channel_buffer:
+                full = name
+            elif (
+                self._buffered_bytes
+                and self._buffered_bytes + size > settings.max_buffered_bytes
+            ):
+                full = _ANY_CHANNEL
+            if full is not None:
+                policy = settings.policy
                 if policy == "block":
+                    self._blocked_on = full
                     return False
                 if policy == "close":
-                    self._conn._close_now(CloseReason.SLOW_CONSUMER)
-                    self._fail(
-                        ConnectionClosed(
-                            CloseReason.SLOW_CONSUMER,
-                            f"channel {name!r} has {len(queue)} unread messages "
-                            f"(channel_buffer={self._settings.channel_buffer}); "
-                            "closed as slow consumer",
-                        )
-                    )
+                    self._close_slow(ch, size, full)
                     return True
-                queue.popleft()
-                ch.dropped += 1
-                self._dropped += 1
-                self._taken_from_front(ch, 1)
+                self._make_room(ch, size)
             queue.append(data)
+            ch.size += size
             self._order.append(name)
             self._buffered += 1
+            self._buffered_bytes += size
         ch.latest = data
         ch.received += 1
         return True
+
+    def _make_room(self, ch: _Channel, size: int) -> None:
+        """Policy "latest": drop the oldest messages until ``size`` more bytes
+        fit ``ch`` and the connection (or nothing is buffered any more)."""
+        settings = self._settings
+        if len(ch.queue) >= settings.channel_buffer:
+            self._taken_from_front(ch, 1, len(ch.queue.popleft()))
+            self._count_drop(ch)
+        limit = settings.max_buffered_bytes
+        while self._buffered_bytes and self._buffered_bytes + size > limit:
+            self._count_drop(self._take_oldest()[0])
+
+    def _count_drop(self, ch: _Channel) -> None:
+        ch.dropped += 1
+        self._dropped += 1
+
+    def _close_slow(self, ch: _Channel, size: int, full: str) -> None:
+        """Policy "close": close as SLOW_CONSUMER, saying which bound was hit."""
+        settings = self._settings
+        if full:
+            what = (
+                f"channel {ch.name!r} has {len(ch.queue)} unread messages "
+                f"(channel_buffer={settings.channel_buffer})"
+            )
+        else:
+            channels = sum(1 for other in self._channels.values() if other.queue)
+            what = (
+                f"{self._buffered_bytes} bytes are unread on {channels} "
+                f"channel(s) and {size} more arrived on {ch.name!r} "
+                f"(max_buffered_bytes={settings.max_buffered_bytes})"
+            )
+        self._conn._close_now(CloseReason.SLOW_CONSUMER)
+        self._fail(
+            ConnectionClosed(
+                CloseReason.SLOW_CONSUMER, f"{what}; closed as slow consumer"
+            )
+        )
 
     def _hand_over(self, name: str, data: bytes) -> bool:
         """Give the message to the longest-waiting eligible consumer, if any."""

@@ -2,8 +2,14 @@
 
 How this works
 --------------
-:func:`serve_channels` runs :func:`trionet.serve_tcp` with
-``Frames(max_size=...)`` framing and a handler of its own.  That handler wraps
+:func:`serve_channels` builds its :class:`ChannelServer` first, then runs
+:func:`trionet.serve_tcp` in its own task with ``Frames(max_size=...)``
+framing, a handler of its own and a task status (:class:`_StartedAs`) that,
+when the TCP server is listening, records it in the ChannelServer and
+reports the ChannelServer to the caller's ``nursery.start``.  No nursery of
+its own: ``serve_channels`` lives exactly as long as ``serve_tcp``.
+
+The handler wraps
 each connection in a :class:`ChannelConnection`, registers it, runs its reader
 task beside the user's handler (in a nursery whose one-exception groups are
 unwrapped, so the server sees the handler's own exception), and stops the
@@ -26,15 +32,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, TypeAlias
 
+import attrs
 import trio
 
 from .._client import connect_tcp
 from .._connection import Connection
-from .._server import Server, ServerStats, _TransportOptionsDict, serve_tcp
+from .._server import Server, _TransportOptionsDict, serve_tcp
+from .._server import ServerStats as ServerStatistics  # TODO(merge): see below
 from .._transport import Address
 from .._util import server_in_block
 from ._connection import (
     DEFAULT_CHANNEL_BUFFER,
+    DEFAULT_MAX_BUFFERED_BYTES,
     DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_SIZE,
     ChannelConnection,
@@ -54,9 +63,26 @@ ChannelHandler: TypeAlias = Callable[[ChannelConnection], Awaitable[object]]
 _TcpOptions: TypeAlias = _TransportOptionsDict
 
 
+# TODO(merge): Server.statistics() / ServerStatistics / Server.handler_exceptions.
+# The TCP server's counters are being renamed on main (Server.stats ->
+# Server.statistics(), ServerStats -> ServerStatistics, Server.handler_errors
+# -> Server.handler_exceptions).  ChannelServer already speaks the new names;
+# these two functions and the ServerStatistics import above are the only
+# places that call the old ones.
+def _tcp_statistics(server: Server) -> ServerStatistics:
+    return server.stats
+
+
+def _tcp_handler_exceptions(server: Server) -> list[BaseException]:
+    return server.handler_errors
+
+
 class ChannelServer:
     """A running channel server.  Get one from :func:`serve_channels` or
     :func:`open_channel_server`.
+
+    It is a :class:`trionet.Server` (:attr:`tcp_server`) whose handler speaks
+    channels: its lifecycle, options and counters are that server's.
 
     .. versionadded:: 0.1
     """
@@ -98,15 +124,16 @@ class ChannelServer:
         open_now = set(self._tcp.connections)
         return [cc for conn, cc in self._clients.items() if conn in open_now]
 
-    @property
-    def stats(self) -> ServerStats:
-        """The TCP server's counters (see :class:`trionet.ServerStats`)."""
-        return self._tcp.stats
+    def statistics(self) -> ServerStatistics:
+        """A snapshot of the TCP server's counters (connections accepted,
+        open and closed by reason, bytes), as :meth:`trionet.Server.statistics`
+        gives them."""
+        return _tcp_statistics(self._tcp)
 
     @property
-    def handler_errors(self) -> list[BaseException]:
+    def handler_exceptions(self) -> list[BaseException]:
         """The most recent exceptions that escaped a handler (at most 100)."""
-        return self._tcp.handler_errors
+        return _tcp_handler_exceptions(self._tcp)
 
     def __repr__(self) -> str:
         return (
@@ -120,9 +147,10 @@ class ChannelServer:
         """Send ``data`` on ``channel`` to every open client, waiting on none.
 
         The message is encoded once.  It joins each client's outgoing queue
-        in order with that client's own messages; a client whose queue is full
-        is closed with :attr:`~trionet.CloseReason.SLOW_CONSUMER` and the
-        others still get the message.  With a ``backplane`` (see
+        in order with that client's own messages; a client too far behind to
+        take it (see :meth:`trionet.Server.broadcast`) is closed with
+        :attr:`~trionet.CloseReason.SLOW_CONSUMER` and the others still get
+        the message.  With a ``backplane`` (see
         :class:`RedisBackplane`) the clients of every other server on it get
         it too.
 
@@ -135,7 +163,17 @@ class ChannelServer:
         await self._tcp.broadcast(encode(channel, data))
 
     async def aclose(self, grace_period: float | None = None) -> None:
-        """Shut down gracefully (see :meth:`trionet.Server.aclose`)."""
+        """Shut down gracefully, as :meth:`trionet.Server.aclose` does.
+
+        Stop accepting new clients at once; give running handlers
+        ``grace_period`` seconds (default: the server's ``grace_period``
+        option) to finish; cancel the rest; flush what each connection queued
+        (bounded by ``flush_timeout``); return when every handler has
+        finished.  The shutdown is a request that the server carries out
+        itself: if the wait in ``aclose`` is cancelled, or a handler of this
+        server calls it, only the wait is abandoned, never the shutdown.
+        After it, :func:`serve_channels` returns.
+        """
         await self._tcp.aclose(grace_period)
 
     async def _handle(self, conn: Connection) -> None:
@@ -148,6 +186,21 @@ class ChannelServer:
             del self._clients[conn]
 
 
+@attrs.frozen
+class _StartedAs(trio.TaskStatus[Server]):
+    """The task status :func:`serve_channels` gives :func:`trionet.serve_tcp`:
+    the TCP server it reports becomes the ChannelServer's, and the caller's
+    ``nursery.start`` gets the ChannelServer."""
+
+    channel_server: ChannelServer
+    task_status: trio.TaskStatus[ChannelServer]
+
+    def started(self, value: Server | None = None) -> None:
+        assert value is not None, "serve_tcp reports its Server"
+        self.channel_server._server = value
+        self.task_status.started(self.channel_server)
+
+
 async def serve_channels(
     handler: ChannelHandler,
     port: int,
@@ -156,6 +209,7 @@ async def serve_channels(
     handler_nursery: trio.Nursery | None = None,
     max_size: int = DEFAULT_MAX_SIZE,
     channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     policy: Policy = "block",
     max_channels: int = DEFAULT_MAX_CHANNELS,
     task_status: trio.TaskStatus[ChannelServer] = trio.TASK_STATUS_IGNORED,
@@ -174,7 +228,8 @@ async def serve_channels(
         await server.publish("news", "hello, everyone")
 
     The client's connection stays open while the handler runs; when it
-    returns the connection is closed (:attr:`~trionet.CloseReason.CLOSED_BY_HOST`
+    returns the server closes the connection
+    (:attr:`~trionet.CloseReason.CLOSED_BY_HOST`, "host" being this side,
     unless something came first).  An exception escaping the handler is logged
     and closes only that connection, as with :func:`trionet.serve_tcp`.
 
@@ -185,9 +240,10 @@ async def serve_channels(
             listens on every interface.
         handler_nursery: run connection tasks here instead of in a nursery of
             the server's own.
-        max_size, channel_buffer, policy, max_channels: for every client's
-            :class:`ChannelConnection` (``max_size`` also limits
-            :meth:`ChannelServer.publish`).
+        max_size, channel_buffer, max_buffered_bytes, policy, max_channels:
+            for every client's :class:`ChannelConnection` (``max_size`` also
+            limits :meth:`ChannelServer.publish`).  ``max_buffered_bytes``
+            bounds what each client can make the server hold unread.
         **options: the options of :class:`trionet.ServerOptions` except
             ``framing`` (ssl_context, backlog, accept, max_connections,
             idle_timeout, message_timeout, send_queue_size, grace_period,
@@ -202,25 +258,20 @@ async def serve_channels(
     settings = _Settings(
         max_size=max_size,
         channel_buffer=channel_buffer,
+        max_buffered_bytes=max_buffered_bytes,
         policy=policy,
         max_channels=max_channels,
     )
     channel_server = ChannelServer(handler, settings)
-
-    async def run_tcp(task_status: trio.TaskStatus[Server]) -> None:
-        await serve_tcp(
-            channel_server._handle,
-            port,
-            host=host,
-            handler_nursery=handler_nursery,
-            framing=settings.framing,
-            task_status=task_status,
-            **options,
-        )
-
-    async with trio.open_nursery() as nursery:
-        channel_server._server = await nursery.start(run_tcp)
-        task_status.started(channel_server)
+    await serve_tcp(
+        channel_server._handle,
+        port,
+        host=host,
+        handler_nursery=handler_nursery,
+        framing=settings.framing,
+        task_status=_StartedAs(channel_server, task_status),
+        **options,
+    )
 
 
 @asynccontextmanager
@@ -231,6 +282,7 @@ async def open_channel_server(
     host: str | Sequence[str] | None = "127.0.0.1",
     max_size: int = DEFAULT_MAX_SIZE,
     channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     policy: Policy = "block",
     max_channels: int = DEFAULT_MAX_CHANNELS,
     **options: Unpack[_TcpOptions],
@@ -258,6 +310,7 @@ async def open_channel_server(
         host=host,
         max_size=max_size,
         channel_buffer=channel_buffer,
+        max_buffered_bytes=max_buffered_bytes,
         policy=policy,
         max_channels=max_channels,
         **options,
@@ -272,6 +325,7 @@ async def connect_channels(
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     policy: Policy = "block",
     max_channels: int = DEFAULT_MAX_CHANNELS,
     ssl_context: ssl.SSLContext | None = None,
@@ -293,8 +347,8 @@ async def connect_channels(
     Args:
         host: name or address to connect to.
         port: TCP port.
-        max_size, channel_buffer, policy, max_channels: see
-            :class:`ChannelConnection`.
+        max_size, channel_buffer, max_buffered_bytes, policy, max_channels:
+            see :class:`ChannelConnection`.
         ssl_context: speak TLS with this context.
         server_hostname: the name the server's certificate must carry
             (default ``host``).
@@ -308,6 +362,7 @@ async def connect_channels(
     settings = _Settings(
         max_size=max_size,
         channel_buffer=channel_buffer,
+        max_buffered_bytes=max_buffered_bytes,
         policy=policy,
         max_channels=max_channels,
     )
