@@ -22,9 +22,23 @@ Fan-out through the backplane
     ``--messages`` 64-byte messages on one channel as fast as it can; the
     clock runs until every client has all of them.  Reported: publishes/s
     reaching all 100 clients (and deliveries/s), and the backplane counters
-    (``not_delivered`` and ``missed`` must be 0 for the figure to count).
-    The same run with all 100 clients on one server and no backplane gives
-    the local baseline.
+    (what was lost -- ``dropped``/``missed``, ``not_delivered`` before the
+    Redis Streams backplane -- must be 0 for the figure to count).  The same
+    run with all 100 clients on one server and no backplane gives the local
+    baseline.
+
+Cross-process latency
+    The same two servers on Redis, one client on each.  Server A publishes
+    ``--latency-messages`` 64-byte messages at ``--latency-rate`` per second,
+    each carrying the system-wide monotonic clock at publication; each
+    client notes the clock when the message arrives.  Reported: p50 and p99
+    of publication-to-arrival for the client of the other process (through
+    Redis) and for A's own client (local delivery).
+
+The script runs against any trionet of the last two backplane designs (the
+pub/sub one exposed ``stats`` and took ``queue_size``), so the old figures can
+be measured on the same machine: ``PYTHONPATH=<old checkout> python
+benchmarks/scale_out.py --only-backplane``.
 
 Prints a Markdown report, then one JSON line with the raw numbers.
 """
@@ -32,6 +46,7 @@ Prints a Markdown report, then one JSON line with the raw numbers.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -40,6 +55,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -159,15 +175,27 @@ def pingpong(workers: int, duration: float, warmup: float) -> dict[str, Any]:
 # ---------------------------------------------------------- fan-out servers
 
 
+def make_backplane(url: str, messages: int) -> Any:
+    """A RedisBackplane with room for ``messages`` 64-byte messages, on the
+    current design or the pub/sub one before it."""
+    cls = trionet.channels.RedisBackplane
+    if "queue_size" in inspect.signature(cls).parameters:  # pub/sub design
+        return cls(url, queue_size=messages + 1)
+    return cls(url, max_buffer=max(16 << 20, messages * 256))
+
+
+def backplane_counters(backplane: Any) -> dict[str, Any]:
+    snapshot = (
+        backplane.statistics() if hasattr(backplane, "statistics") else backplane.stats
+    )
+    return attrs.asdict(snapshot)
+
+
 def serve_fanout(url: str | None, messages: int) -> None:
     """One channel server process; prints its port, stops at stdin's end."""
 
     async def main() -> None:
-        backplane = (
-            trionet.channels.RedisBackplane(url, queue_size=messages + 1)
-            if url
-            else None
-        )
+        backplane = make_backplane(url, messages) if url else None
         server: trionet.channels.ChannelServer | None = None
 
         async def handler(cc: trionet.channels.ChannelConnection) -> None:
@@ -179,6 +207,13 @@ def serve_fanout(url: str | None, messages: int) -> None:
                         await server.publish("news", PAYLOAD)
                         if i % 64 == 63:
                             await trio.lowlevel.checkpoint()
+                elif channel == "pace":
+                    count, rate = (float(x) for x in data.split(b":"))
+                    start = trio.current_time()
+                    for i in range(int(count)):
+                        await trio.sleep_until(start + i / rate)
+                        stamp = struct.pack(">Q", time.monotonic_ns())
+                        await server.publish("news", stamp + PAYLOAD[8:])
 
         async with trionet.channels.open_channel_server(
             handler,
@@ -191,7 +226,7 @@ def serve_fanout(url: str | None, messages: int) -> None:
             async with trio.lowlevel.FdStream(os.dup(0)) as stdin:
                 while await stdin.receive_some():
                     pass
-        stats = {} if backplane is None else attrs.asdict(backplane.stats)
+        stats = {} if backplane is None else backplane_counters(backplane)
         print(json.dumps(stats), flush=True)
 
     trio.run(main)
@@ -274,6 +309,77 @@ def fanout(
     }
 
 
+def latency(url: str, messages: int, rate: float) -> dict[str, Any]:
+    """Publication-to-arrival times of paced messages, locally and across
+    processes (see the module's docstring)."""
+    procs = []
+    socks: list[socket.socket] = []
+    try:
+        ports = []
+        for _ in range(2):
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--serve-fanout", url, str(messages)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            ports.append(int(_read_line(proc.stdout, STEP)))
+        for port in ports:
+            sock = socket.create_connection(("127.0.0.1", port), 10)
+            socks.append(sock)
+            if _recv_exactly(sock, HELLO_FRAME)[-5:] != b"hello":
+                raise RuntimeError("unexpected greeting")
+        socks[0].sendall(encode_frame("pace", f"{messages}:{rate}", 1 << 20))
+        arrivals: list[list[int]] = [[], []]
+        buffers = [b"", b""]
+        deadline = time.monotonic() + messages / rate + STEP
+        while any(len(a) < messages for a in arrivals):
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError("paced messages did not all arrive")
+            readable, _, _ = select.select(socks, [], [], timeout)
+            for sock in readable:
+                side = socks.index(sock)
+                chunk = sock.recv(1 << 16)
+                now = time.monotonic_ns()
+                if not chunk:
+                    raise ConnectionError("a server closed a client")
+                buffers[side] += chunk
+                while len(buffers[side]) >= NEWS_FRAME:
+                    frame, buffers[side] = (
+                        buffers[side][:NEWS_FRAME],
+                        buffers[side][NEWS_FRAME:],
+                    )
+                    (stamp,) = struct.unpack(">Q", frame[-64:-56])
+                    arrivals[side].append(now - stamp)
+        stats = []
+        for proc in procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.close()
+            stats.append(json.loads(_read_line(proc.stdout, STEP) or "{}"))
+            if proc.wait(timeout=STEP) != 0:
+                raise RuntimeError("a latency server failed")
+    finally:
+        for sock in socks:
+            sock.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()  # our own child, by PID
+                proc.wait()
+    local, remote = (sorted(a) for a in arrivals)
+    return {
+        "messages": messages,
+        "rate": rate,
+        "local_p50_us": _percentile(local, 0.50) / 1000,
+        "local_p99_us": _percentile(local, 0.99) / 1000,
+        "remote_p50_us": _percentile(remote, 0.50) / 1000,
+        "remote_p99_us": _percentile(remote, 0.99) / 1000,
+        "backplanes": stats,
+    }
+
+
 # ------------------------------------------------------------------ redis
 
 
@@ -329,6 +435,22 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def _percentile(sorted_values: list[int], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
+    return float(sorted_values[index])
+
+
+def _lost(backplanes: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    # (given up by the publisher, missed by a receiver), in either design.
+    return [
+        (
+            b.get("dropped", b.get("not_delivered", 0)) + b.get("unconfirmed", 0),
+            b.get("missed", 0),
+        )
+        for b in backplanes
+    ]
+
+
 def _median_range(values: list[float]) -> str:
     return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
@@ -339,6 +461,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--latency-messages", type=int, default=5_000)
+    parser.add_argument("--latency-rate", type=float, default=1_000.0)
+    parser.add_argument(
+        "--only-backplane", action="store_true", help="skip the ping-pong figures"
+    )
     parser.add_argument("--serve-echo", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-fanout", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -350,38 +477,44 @@ def main() -> None:
     client.raise_fd_limit()
 
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
-    for _ in range(args.reps):
-        for workers in (1, 2):
-            runs[workers].append(pingpong(workers, args.duration, args.warmup))
-    rates = {w: [r["messages_per_s"] for r in runs[w]] for w in runs}
-    ratio = statistics.median(rates[2]) / statistics.median(rates[1])
+    if not args.only_backplane:
+        for _ in range(args.reps):
+            for workers in (1, 2):
+                runs[workers].append(pingpong(workers, args.duration, args.warmup))
 
     redis = Redis()
     try:
         over_redis = [
             fanout(redis.url, 2, 100, args.messages) for _ in range(args.reps)
         ]
+        latencies = [
+            latency(redis.url, args.latency_messages, args.latency_rate)
+            for _ in range(args.reps)
+        ]
     finally:
         redis.stop()
     local = [fanout(None, 1, 100, args.messages) for _ in range(args.reps)]
 
     print(f"## Scale-out ({os.cpu_count()} CPUs, Python {sys.version.split()[0]})\n")
-    print("### Ping-pong, 50 connections, 64-byte lines\n")
-    print(
-        "| workers | messages/s (median, range) | p50 µs | p99 µs "
-        "| worker CPU/s | other processes' CPU/s |"
-    )
-    print("|---|---|---|---|---|---|")
-    for workers in (1, 2):
-        rs = runs[workers]
+    if runs[1]:
+        rates = {w: [r["messages_per_s"] for r in runs[w]] for w in runs}
+        ratio = statistics.median(rates[2]) / statistics.median(rates[1])
+        print("### Ping-pong, 50 connections, 64-byte lines\n")
         print(
-            f"| {workers} | {_median_range(rates[workers])} "
-            f"| {statistics.median(r['p50_us'] for r in rs):,.0f} "
-            f"| {statistics.median(r['p99_us'] for r in rs):,.0f} "
-            f"| {statistics.median(r['worker_cpu_per_s'] for r in rs):.2f} "
-            f"| {statistics.median(r['other_cpu_per_s'] for r in rs):.2f} |"
+            "| workers | messages/s (median, range) | p50 µs | p99 µs "
+            "| worker CPU/s | other processes' CPU/s |"
         )
-    print(f"\nRatio, 2 workers / 1 worker: {ratio:.2f}\n")
+        print("|---|---|---|---|---|---|")
+        for workers in (1, 2):
+            rs = runs[workers]
+            print(
+                f"| {workers} | {_median_range(rates[workers])} "
+                f"| {statistics.median(r['p50_us'] for r in rs):,.0f} "
+                f"| {statistics.median(r['p99_us'] for r in rs):,.0f} "
+                f"| {statistics.median(r['worker_cpu_per_s'] for r in rs):.2f} "
+                f"| {statistics.median(r['other_cpu_per_s'] for r in rs):.2f} |"
+            )
+        print(f"\nRatio, 2 workers / 1 worker: {ratio:.2f}\n")
     print(f"### Fan-out of {args.messages:,} 64-byte messages to 100 clients\n")
     print("| setup | publishes/s reaching every client | deliveries/s |")
     print("|---|---|---|")
@@ -393,19 +526,29 @@ def main() -> None:
             f"| {name} | {_median_range([r['publishes_per_s'] for r in results])} "
             f"| {_median_range([r['deliveries_per_s'] for r in results])} |"
         )
-    lost = [
-        (b.get("not_delivered", 0), b.get("missed", 0))
-        for r in over_redis
-        for b in r["backplanes"]
-    ]
-    print(f"\nBackplane (not_delivered, missed) per server and run: {lost}\n")
+    print(
+        f"\n### Latency, {args.latency_messages:,} messages at "
+        f"{args.latency_rate:,.0f}/s\n"
+    )
+    print("| client | p50 µs (median, range) | p99 µs (median, range) |")
+    print("|---|---|---|")
+    for name, key in (
+        ("on the other process (through Redis)", "remote"),
+        ("on the publishing process (local)", "local"),
+    ):
+        print(
+            f"| {name} | {_median_range([r[f'{key}_p50_us'] for r in latencies])} "
+            f"| {_median_range([r[f'{key}_p99_us'] for r in latencies])} |"
+        )
+    lost = [_lost(r["backplanes"]) for r in over_redis + latencies]
+    print(f"\nBackplane (given up, missed) per server and run: {lost}\n")
     print(
         json.dumps(
             {
                 "pingpong": runs,
-                "ratio": ratio,
                 "fanout_redis": over_redis,
                 "fanout_local": local,
+                "latency": latencies,
             }
         )
     )
