@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import os
 import resource
 import select
@@ -384,35 +385,133 @@ def latency(url: str, messages: int, rate: float) -> dict[str, Any]:
 
 
 class Redis:
+    """A redis-server of our own on a free loopback port, without persistence
+    (so a restart comes back empty); its log goes to /dev/null."""
+
     def __init__(self) -> None:
         binary = os.environ.get("TRIONET_REDIS_SERVER") or shutil.which("redis-server")
         if not binary:
-            raise SystemExit("redis-server is needed for the fan-out figures")
+            raise SystemExit("redis-server is needed for the backplane figures")
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--logfile", ""]
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
+        self.argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        self.argv += ["--save", "", "--appendonly", "no", "--logfile", "/dev/null"]
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + STEP
-        while "Ready to accept connections" not in (
-            line := self.proc.stdout.readline()
-        ):
-            if not line or time.monotonic() > deadline:
+        while True:  # ready when it answers
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("redis-server did not start")
-        self.url = f"redis://127.0.0.1:{self.port}"
+            time.sleep(0.02)
 
-    def stop(self) -> None:
-        self.proc.terminate()  # our own child, by PID
+    def stop(self, kill: bool = False) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        if kill:
+            self.proc.kill()  # our own child, by PID
+        else:
+            self.proc.terminate()
         self.proc.wait(timeout=STEP)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)  # our own child, by PID
+
+
+# -------------------------------------------------------------- fault runs
+
+
+class _LossLines(logging.Handler):
+    """Counts the backplane's WARNING lines about lost messages."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "given up" in message or "never arrived" in message:
+            self.lines.append(message)
+
+
+def fault_run(
+    fault: str, rate: float, before: float, pause: float, after: float
+) -> dict[str, Any]:
+    """Publish at ``rate`` for ``before + pause + after`` seconds from one
+    server to the client of another, each with its own backplane; ``pause``
+    seconds into it, Redis is SIGKILLed and restarted empty ("restart") or
+    SIGSTOPped and SIGCONTed ("hang").  Counts what the client got."""
+    redis = Redis()
+    loss_lines = _LossLines()
+    logging.getLogger("trionet").addHandler(loss_lines)
+
+    async def idle(cc: trionet.channels.ChannelConnection) -> None:
+        await cc.publish("hello", b"")
+        await trio.sleep_forever()
+
+    async def main() -> dict[str, Any]:
+        bp_a = trionet.channels.RedisBackplane(redis.url)
+        bp_b = trionet.channels.RedisBackplane(redis.url)
+        open_server = trionet.channels.open_channel_server
+        async with open_server(idle, backplane=bp_a, grace_period=0) as a:
+            async with open_server(idle, backplane=bp_b, grace_period=0) as b:
+                async with trionet.channels.connect_channels(
+                    "127.0.0.1", b.port
+                ) as client:
+                    await client.receive("hello")
+                    total = int(rate * (before + pause + after))
+                    begin = trio.current_time()
+
+                    async def publish() -> None:
+                        for i in range(total):
+                            await trio.sleep_until(begin + i / rate)
+                            await a.publish("news", str(i))
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(publish)
+                        await trio.sleep_until(begin + before)
+                        if fault == "restart":
+                            redis.stop(kill=True)
+                        else:
+                            redis.signal(signal.SIGSTOP)
+                        await trio.sleep(pause)
+                        if fault == "restart":
+                            await trio.to_thread.run_sync(redis.start)
+                        else:
+                            redis.signal(signal.SIGCONT)
+                    got: list[int] = []
+                    with trio.move_on_after(STEP):
+                        while len(got) < total:
+                            got.append(int(await client.receive("news")))
+                    await trio.sleep(1)  # anything more (a copy) would show now
+                    got += [int(m) for m in client.drain("news")]
+        return {
+            "fault": fault,
+            "rate": rate,
+            "seconds_without_redis": pause,
+            "published": total,
+            "received": len(got),
+            "in_order_no_duplicates": got == list(range(total)),
+            "publisher": attrs.asdict(bp_a.statistics()),
+            "receiver": attrs.asdict(bp_b.statistics()),
+            "loss_lines": loss_lines.lines,
+        }
+
+    try:
+        return trio.run(main)
+    finally:
+        logging.getLogger("trionet").removeHandler(loss_lines)
+        redis.stop()
 
 
 # ---------------------------------------------------------------- helpers
@@ -466,6 +565,12 @@ def main() -> None:
     parser.add_argument(
         "--only-backplane", action="store_true", help="skip the ping-pong figures"
     )
+    parser.add_argument(
+        "--fault-runs",
+        action="store_true",
+        help="only: Redis killed and restarted empty after 4 s, then Redis hung "
+        "for 8 s, each during 350 publishes/s",
+    )
     parser.add_argument("--serve-echo", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-fanout", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -475,6 +580,14 @@ def main() -> None:
         serve_fanout(args.serve_fanout[0] or None, int(args.serve_fanout[1]))
         return
     client.raise_fd_limit()
+    if args.fault_runs:
+        for fault, pause in (("restart", 4.0), ("hang", 8.0)):
+            result = fault_run(fault, 350.0, 2.0, pause, 2.0)
+            publisher, receiver = result.pop("publisher"), result.pop("receiver")
+            print(json.dumps(result))
+            print("  publisher:", json.dumps(publisher))
+            print("  receiver: ", json.dumps(receiver))
+        return
 
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     if not args.only_backplane:
