@@ -46,6 +46,7 @@ Prints a Markdown report, then one JSON line with the raw numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -60,6 +61,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,12 +235,19 @@ def serve_fanout(url: str | None, messages: int) -> None:
     trio.run(main)
 
 
-def fanout(
+@contextlib.contextmanager
+def channel_servers(
     url: str | None, servers: int, clients: int, messages: int
-) -> dict[str, Any]:
+) -> Iterator[tuple[list[socket.socket], list[dict[str, Any]]]]:
+    """``servers`` channel server processes (``serve_fanout``) and ``clients``
+    raw socket clients spread over them, each greeted (so registered).
+
+    Yields the clients and a list that receives each server's backplane
+    counters when the block ends without an error.
+    """
     procs = []
     socks: list[socket.socket] = []
-    poller = select.epoll()
+    counters: list[dict[str, Any]] = []
     try:
         ports = []
         for _ in range(servers):
@@ -254,9 +263,32 @@ def fanout(
         for i in range(clients):
             sock = socket.create_connection(("127.0.0.1", ports[i % servers]), 10)
             socks.append(sock)
-        for sock in socks:  # each handler greeted its client: all are registered
             if _recv_exactly(sock, HELLO_FRAME)[-5:] != b"hello":
                 raise RuntimeError("unexpected greeting")
+        yield socks, counters
+        for proc in procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.close()
+            counters.append(json.loads(_read_line(proc.stdout, STEP) or "{}"))
+            if proc.wait(timeout=STEP) != 0:
+                raise RuntimeError("a channel server failed")
+    finally:
+        for sock in socks:
+            sock.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()  # our own child, by PID
+                proc.wait()
+
+
+def fanout(
+    url: str | None, servers: int, clients: int, messages: int
+) -> dict[str, Any]:
+    with (
+        channel_servers(url, servers, clients, messages) as (socks, counters),
+        select.epoll() as poller,
+    ):
+        for sock in socks:
             sock.setblocking(False)
         expected = messages * NEWS_FRAME
         left = {sock.fileno(): expected for sock in socks}
@@ -284,21 +316,6 @@ def fanout(
                 elif left[fd] < 0:
                     raise ConnectionError("a client got more than was published")
         elapsed = time.perf_counter() - begin
-        stats = []
-        for proc in procs:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.close()
-            stats.append(json.loads(_read_line(proc.stdout, STEP) or "{}"))
-            if proc.wait(timeout=STEP) != 0:
-                raise RuntimeError("a fan-out server failed")
-    finally:
-        poller.close()
-        for sock in socks:
-            sock.close()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()  # our own child, by PID
-                proc.wait()
     return {
         "servers": servers,
         "clients": clients,
@@ -306,32 +323,14 @@ def fanout(
         "seconds": elapsed,
         "publishes_per_s": messages / elapsed,
         "deliveries_per_s": messages * clients / elapsed,
-        "backplanes": stats,
+        "backplanes": counters,
     }
 
 
 def latency(url: str, messages: int, rate: float) -> dict[str, Any]:
     """Publication-to-arrival times of paced messages, locally and across
     processes (see the module's docstring)."""
-    procs = []
-    socks: list[socket.socket] = []
-    try:
-        ports = []
-        for _ in range(2):
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "--serve-fanout", url, str(messages)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            procs.append(proc)
-            assert proc.stdout is not None
-            ports.append(int(_read_line(proc.stdout, STEP)))
-        for port in ports:
-            sock = socket.create_connection(("127.0.0.1", port), 10)
-            socks.append(sock)
-            if _recv_exactly(sock, HELLO_FRAME)[-5:] != b"hello":
-                raise RuntimeError("unexpected greeting")
+    with channel_servers(url, 2, 2, messages) as (socks, counters):
         socks[0].sendall(encode_frame("pace", f"{messages}:{rate}", 1 << 20))
         arrivals: list[list[int]] = [[], []]
         buffers = [b"", b""]
@@ -349,26 +348,10 @@ def latency(url: str, messages: int, rate: float) -> dict[str, Any]:
                     raise ConnectionError("a server closed a client")
                 buffers[side] += chunk
                 while len(buffers[side]) >= NEWS_FRAME:
-                    frame, buffers[side] = (
-                        buffers[side][:NEWS_FRAME],
-                        buffers[side][NEWS_FRAME:],
-                    )
+                    frame = buffers[side][:NEWS_FRAME]
+                    buffers[side] = buffers[side][NEWS_FRAME:]
                     (stamp,) = struct.unpack(">Q", frame[-64:-56])
                     arrivals[side].append(now - stamp)
-        stats = []
-        for proc in procs:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.close()
-            stats.append(json.loads(_read_line(proc.stdout, STEP) or "{}"))
-            if proc.wait(timeout=STEP) != 0:
-                raise RuntimeError("a latency server failed")
-    finally:
-        for sock in socks:
-            sock.close()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()  # our own child, by PID
-                proc.wait()
     local, remote = (sorted(a) for a in arrivals)
     return {
         "messages": messages,
@@ -377,7 +360,7 @@ def latency(url: str, messages: int, rate: float) -> dict[str, Any]:
         "local_p99_us": _percentile(local, 0.99) / 1000,
         "remote_p50_us": _percentile(remote, 0.50) / 1000,
         "remote_p99_us": _percentile(remote, 0.99) / 1000,
-        "backplanes": stats,
+        "backplanes": counters,
     }
 
 

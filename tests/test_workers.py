@@ -330,111 +330,6 @@ async def _read_line(stream: trio.abc.ReceiveStream, decoder: trionet.Decoder) -
         decoder.feed(data)
 
 
-async def test_four_workers_share_one_port_and_drain_on_sigterm() -> None:
-    workers = 4
-    with _reserved_port(socket.SOCK_STREAM) as holder:
-        port = holder.getsockname()[1]
-        pool = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-c",
-                "from tests.test_workers import run_echo_pool as r; r()",
-                str(port),
-                str(workers),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-        )
-        try:
-            assert pool.stdout is not None
-            lines = trionet.Decoder(trionet.Lines())
-            ready: dict[int, int] = {}
-            with trio.fail_after(STEP):
-                while len(ready) < workers:
-                    report = json.loads(await _read_line(pool.stdout, lines))
-                    ready[report["worker"]] = report["pid"]
-            async with trio.open_nursery() as nursery:
-                conns = []
-                served_by: list[int] = []
-                # The kernel hashes each connection to one listener; 64 of
-                # them miss one of 4 workers with odds of about 4e-8.
-                for _ in range(64):
-                    conn = await trionet.connect_tcp(
-                        "127.0.0.1", port, framing=trionet.Lines()
-                    )
-                    conns.append(conn)
-                    with trio.fail_after(STEP):
-                        served_by.append(int(await conn.receive_line()))
-                assert set(served_by) == set(ready.values())
-                # Every connection works; the last line sent before SIGTERM
-                # is echoed before the clean close.
-                for i, conn in enumerate(conns):
-                    await conn.send_line(f"line {i}")
-                for i, conn in enumerate(conns):
-                    with trio.fail_after(STEP):
-                        assert await conn.receive_line() == f"line {i}".encode()
-                pool.send_signal(signal.SIGTERM)
-                with trio.fail_after(STEP):
-                    assert await pool.wait() == 0
-                for conn in conns:
-                    with trio.fail_after(STEP):
-                        with pytest.raises(trionet.ConnectionClosed) as closed:
-                            await conn.receive_line()
-                    assert closed.value.reason is trionet.CloseReason.CLOSED_BY_PEER
-                    await conn.aclose()
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                if pool.returncode is None:
-                    pool.kill()  # our own child, by PID
-                await pool.wait()
-                if pool.stdout is not None:
-                    await pool.stdout.aclose()
-
-
-async def test_workers_stop_when_their_parent_dies() -> None:
-    with _reserved_port(socket.SOCK_STREAM) as holder:
-        port = holder.getsockname()[1]
-        pool = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-c",
-                "from tests.test_workers import run_echo_pool as r; r()",
-                str(port),
-                "2",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-        )
-        pidfds: list[int] = []
-        try:
-            assert pool.stdout is not None
-            lines = trionet.Decoder(trionet.Lines())
-            pids: set[int] = set()
-            with trio.fail_after(STEP):
-                while len(pids) < 2:
-                    pids.add(json.loads(await _read_line(pool.stdout, lines))["pid"])
-            pidfds = [os.pidfd_open(pid) for pid in pids]
-            pool.kill()  # the parent only, with no chance to stop its workers
-            with trio.fail_after(STEP):
-                for fd in pidfds:
-                    await trio.lowlevel.wait_readable(fd)  # that worker exited
-        finally:
-            for fd in pidfds:
-                # A worker that outlived the test is ours to stop.
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-                os.close(fd)
-            with trio.CancelScope(shield=True):
-                if pool.returncode is None:
-                    pool.kill()
-                await pool.wait()
-                if pool.stdout is not None:
-                    await pool.stdout.aclose()
-
-
-# ------------------------------------------------------- a pool that heals
-
-
 @asynccontextmanager
 async def echo_pool(
     tmp_path: Path, workers: int, *, new_session: bool = False
@@ -488,6 +383,61 @@ async def reports_until(
         if "port" in report:
             serving[report["worker"]] = report
     return serving
+
+
+async def test_four_workers_share_one_port_and_drain_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    workers = 4
+    async with echo_pool(tmp_path, workers) as (pool, next_report, _log):
+        ready = await reports_until(next_report, workers)
+        port = ready[0]["port"]
+        conns = []
+        served_by: list[int] = []
+        # The kernel hashes each connection to one listener; 64 of them miss
+        # one of 4 workers with odds of about 4e-8.
+        for _ in range(64):
+            conn = await trionet.connect_tcp("127.0.0.1", port, framing=trionet.Lines())
+            conns.append(conn)
+            with trio.fail_after(STEP):
+                served_by.append(int(await conn.receive_line()))
+        assert set(served_by) == {report["pid"] for report in ready.values()}
+        # Every connection works; the last line sent before SIGTERM is echoed
+        # before the clean close.
+        for i, conn in enumerate(conns):
+            await conn.send_line(f"line {i}")
+        for i, conn in enumerate(conns):
+            with trio.fail_after(STEP):
+                assert await conn.receive_line() == f"line {i}".encode()
+        pool.send_signal(signal.SIGTERM)
+        with trio.fail_after(STEP):
+            assert await pool.wait() == 0
+        for conn in conns:
+            with trio.fail_after(STEP):
+                with pytest.raises(trionet.ConnectionClosed) as closed:
+                    await conn.receive_line()
+            assert closed.value.reason is trionet.CloseReason.CLOSED_BY_PEER
+            await conn.aclose()
+
+
+async def test_workers_stop_when_their_parent_dies(tmp_path: Path) -> None:
+    pidfds: list[int] = []
+    async with echo_pool(tmp_path, 2) as (pool, next_report, _log):
+        try:
+            ready = await reports_until(next_report, 2)
+            pidfds = [os.pidfd_open(report["pid"]) for report in ready.values()]
+            pool.kill()  # the parent only, with no chance to stop its workers
+            with trio.fail_after(STEP):
+                for fd in pidfds:
+                    await trio.lowlevel.wait_readable(fd)  # that worker exited
+        finally:
+            for fd in pidfds:
+                # A worker that outlived the test is ours to stop.
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
+
+
+# ------------------------------------------------------- a pool that heals
 
 
 async def test_a_killed_or_signalled_worker_is_replaced(tmp_path: Path) -> None:

@@ -25,8 +25,8 @@ Every failure surfaces as one exception naming its cause:
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
-from typing import final
+from collections.abc import Callable, Sequence
+from typing import TypeVar, final
 
 import trio
 
@@ -53,6 +53,7 @@ __all__ = [
     "open_link",
 ]
 
+_T = TypeVar("_T")
 #: Bytes asked of the connection per receive.
 _CHUNK = 64 * 1024
 #: Error codes that mean "not allowed", not "not now".
@@ -100,25 +101,11 @@ class RedisLink:
 
     async def next_event(self) -> Event:
         """The next item of a reply (see :meth:`RespReader.next_event`)."""
-        while True:
-            try:
-                event = self._reader.next_event()
-            except ProtocolError as exc:
-                raise LinkError(str(exc)) from exc
-            if not isinstance(event, NeedData):
-                return event
-            await self._receive()
+        return await self._complete(self._reader.next_event)
 
     async def next_reply(self) -> Reply:
         """The next whole reply; an error reply is returned, not raised."""
-        while True:
-            try:
-                reply = self._reader.next_reply()
-            except ProtocolError as exc:
-                raise LinkError(str(exc)) from exc
-            if not isinstance(reply, NeedData):
-                return reply
-            await self._receive()
+        return await self._complete(self._reader.next_reply)
 
     async def call(self, *command: bytes | str | int) -> Reply:
         """Send one command and return its reply.
@@ -136,6 +123,17 @@ class RedisLink:
                 raise RedisRefused(f"{name} refused: {reply.message}")
             raise LinkError(f"{name} failed: {reply.message}")
         return reply
+
+    async def _complete(self, step: Callable[[], _T | NeedData]) -> _T:
+        # Run a reader step, receiving more until it has what it needs.
+        while True:
+            try:
+                item = step()
+            except ProtocolError as exc:
+                raise LinkError(str(exc)) from exc
+            if not isinstance(item, NeedData):
+                return item
+            await self._receive()
 
     async def _receive(self) -> None:
         try:
