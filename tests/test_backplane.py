@@ -22,6 +22,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -35,6 +36,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -893,6 +895,38 @@ async def test_a_unix_socket_url(tmp_path: Path) -> None:
             await server_a.publish("news", "over a unix socket")
             assert await receive_news(on_b, 1) == ["over a unix socket"]
         assert redis.port  # (the TCP port is unused here)
+
+
+async def test_tls_with_rediss(tmp_path: Path, ca: trustme.CA) -> None:
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls_port = _free_port()
+    async with running_redis(
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        str(tmp_path / "cert.pem"),
+        "--tls-key-file",
+        str(tmp_path / "key.pem"),
+        "--tls-auth-clients",
+        "no",
+    ):
+        url = f"rediss://127.0.0.1:{tls_port}"
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        bp_a = RedisBackplane(url, ssl_context=context)
+        bp_b = RedisBackplane(url, ssl_context=context)
+        async with AsyncExitStack() as stack:
+            server_a, server_b = await servers(stack, bp_a, bp_b)
+            (on_b,) = await clients(stack, server_b.port, 1)
+            await server_a.publish("news", "over TLS")
+            assert await receive_news(on_b, 1) == ["over TLS"]
+        # Without our CA the certificate does not verify: fatal, not retried.
+        untrusting = RedisBackplane(url)
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(trionet.ConnectError, match="certificate verify failed"):
+                await nursery.start(untrusting.serve, lambda message: None)
 
 
 # ------------------------------------------------- the wire format, by hand

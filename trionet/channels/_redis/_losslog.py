@@ -24,6 +24,8 @@ __all__ = ["LossLog"]
 
 #: Details (reasons, publishers) listed in one line; more are summed up.
 _DETAILS_LISTED = 5
+#: Distinct details kept between two lines; the rest are counted as "others".
+_DETAILS_KEPT = 64
 
 
 @attrs.define
@@ -57,6 +59,8 @@ class LossLog:
         entry = self._kinds[kind]
         entry.waiting += count
         entry.total += count
+        if detail not in entry.details and len(entry.details) >= _DETAILS_KEPT:
+            detail = "from others"
         entry.details[detail] += count
         if trio.current_time() >= entry.last_line + self._interval:
             self._write(entry)
