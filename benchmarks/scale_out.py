@@ -22,9 +22,23 @@ Fan-out through the backplane
     ``--messages`` 64-byte messages on one channel as fast as it can; the
     clock runs until every client has all of them.  Reported: publishes/s
     reaching all 100 clients (and deliveries/s), and the backplane counters
-    (``not_delivered`` and ``missed`` must be 0 for the figure to count).
-    The same run with all 100 clients on one server and no backplane gives
-    the local baseline.
+    (what was lost -- ``dropped``/``missed``, ``not_delivered`` before the
+    Redis Streams backplane -- must be 0 for the figure to count).  The same
+    run with all 100 clients on one server and no backplane gives the local
+    baseline.
+
+Cross-process latency
+    The same two servers on Redis, one client on each.  Server A publishes
+    ``--latency-messages`` 64-byte messages at ``--latency-rate`` per second,
+    each carrying the system-wide monotonic clock at publication; each
+    client notes the clock when the message arrives.  Reported: p50 and p99
+    of publication-to-arrival for the client of the other process (through
+    Redis) and for A's own client (local delivery).
+
+The script runs against any trionet of the last two backplane designs (the
+pub/sub one exposed ``stats`` and took ``queue_size``), so the old figures can
+be measured on the same machine: ``PYTHONPATH=<old checkout> python
+benchmarks/scale_out.py --only-backplane``.
 
 Prints a Markdown report, then one JSON line with the raw numbers.
 """
@@ -32,7 +46,10 @@ Prints a Markdown report, then one JSON line with the raw numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
+import logging
 import os
 import resource
 import select
@@ -40,9 +57,11 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +178,27 @@ def pingpong(workers: int, duration: float, warmup: float) -> dict[str, Any]:
 # ---------------------------------------------------------- fan-out servers
 
 
+def make_backplane(url: str, messages: int) -> Any:
+    """A RedisBackplane with room for ``messages`` 64-byte messages, on the
+    current design or the pub/sub one before it."""
+    cls = trionet.channels.RedisBackplane
+    if "queue_size" in inspect.signature(cls).parameters:  # pub/sub design
+        return cls(url, queue_size=messages + 1)
+    return cls(url, max_buffer=max(16 << 20, messages * 256))
+
+
+def backplane_counters(backplane: Any) -> dict[str, Any]:
+    snapshot = (
+        backplane.statistics() if hasattr(backplane, "statistics") else backplane.stats
+    )
+    return attrs.asdict(snapshot)
+
+
 def serve_fanout(url: str | None, messages: int) -> None:
     """One channel server process; prints its port, stops at stdin's end."""
 
     async def main() -> None:
-        backplane = (
-            trionet.channels.RedisBackplane(url, queue_size=messages + 1)
-            if url
-            else None
-        )
+        backplane = make_backplane(url, messages) if url else None
         server: trionet.channels.ChannelServer | None = None
 
         async def handler(cc: trionet.channels.ChannelConnection) -> None:
@@ -179,6 +210,13 @@ def serve_fanout(url: str | None, messages: int) -> None:
                         await server.publish("news", PAYLOAD)
                         if i % 64 == 63:
                             await trio.lowlevel.checkpoint()
+                elif channel == "pace":
+                    count, rate = (float(x) for x in data.split(b":"))
+                    start = trio.current_time()
+                    for i in range(int(count)):
+                        await trio.sleep_until(start + i / rate)
+                        stamp = struct.pack(">Q", time.monotonic_ns())
+                        await server.publish("news", stamp + PAYLOAD[8:])
 
         async with trionet.channels.open_channel_server(
             handler,
@@ -191,18 +229,25 @@ def serve_fanout(url: str | None, messages: int) -> None:
             async with trio.lowlevel.FdStream(os.dup(0)) as stdin:
                 while await stdin.receive_some():
                     pass
-        stats = {} if backplane is None else attrs.asdict(backplane.stats)
+        stats = {} if backplane is None else backplane_counters(backplane)
         print(json.dumps(stats), flush=True)
 
     trio.run(main)
 
 
-def fanout(
+@contextlib.contextmanager
+def channel_servers(
     url: str | None, servers: int, clients: int, messages: int
-) -> dict[str, Any]:
+) -> Iterator[tuple[list[socket.socket], list[dict[str, Any]]]]:
+    """``servers`` channel server processes (``serve_fanout``) and ``clients``
+    raw socket clients spread over them, each greeted (so registered).
+
+    Yields the clients and a list that receives each server's backplane
+    counters when the block ends without an error.
+    """
     procs = []
     socks: list[socket.socket] = []
-    poller = select.epoll()
+    counters: list[dict[str, Any]] = []
     try:
         ports = []
         for _ in range(servers):
@@ -218,9 +263,32 @@ def fanout(
         for i in range(clients):
             sock = socket.create_connection(("127.0.0.1", ports[i % servers]), 10)
             socks.append(sock)
-        for sock in socks:  # each handler greeted its client: all are registered
             if _recv_exactly(sock, HELLO_FRAME)[-5:] != b"hello":
                 raise RuntimeError("unexpected greeting")
+        yield socks, counters
+        for proc in procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.close()
+            counters.append(json.loads(_read_line(proc.stdout, STEP) or "{}"))
+            if proc.wait(timeout=STEP) != 0:
+                raise RuntimeError("a channel server failed")
+    finally:
+        for sock in socks:
+            sock.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()  # our own child, by PID
+                proc.wait()
+
+
+def fanout(
+    url: str | None, servers: int, clients: int, messages: int
+) -> dict[str, Any]:
+    with (
+        channel_servers(url, servers, clients, messages) as (socks, counters),
+        select.epoll() as poller,
+    ):
+        for sock in socks:
             sock.setblocking(False)
         expected = messages * NEWS_FRAME
         left = {sock.fileno(): expected for sock in socks}
@@ -248,21 +316,6 @@ def fanout(
                 elif left[fd] < 0:
                     raise ConnectionError("a client got more than was published")
         elapsed = time.perf_counter() - begin
-        stats = []
-        for proc in procs:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.close()
-            stats.append(json.loads(_read_line(proc.stdout, STEP) or "{}"))
-            if proc.wait(timeout=STEP) != 0:
-                raise RuntimeError("a fan-out server failed")
-    finally:
-        poller.close()
-        for sock in socks:
-            sock.close()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()  # our own child, by PID
-                proc.wait()
     return {
         "servers": servers,
         "clients": clients,
@@ -270,7 +323,44 @@ def fanout(
         "seconds": elapsed,
         "publishes_per_s": messages / elapsed,
         "deliveries_per_s": messages * clients / elapsed,
-        "backplanes": stats,
+        "backplanes": counters,
+    }
+
+
+def latency(url: str, messages: int, rate: float) -> dict[str, Any]:
+    """Publication-to-arrival times of paced messages, locally and across
+    processes (see the module's docstring)."""
+    with channel_servers(url, 2, 2, messages) as (socks, counters):
+        socks[0].sendall(encode_frame("pace", f"{messages}:{rate}", 1 << 20))
+        arrivals: list[list[int]] = [[], []]
+        buffers = [b"", b""]
+        deadline = time.monotonic() + messages / rate + STEP
+        while any(len(a) < messages for a in arrivals):
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError("paced messages did not all arrive")
+            readable, _, _ = select.select(socks, [], [], timeout)
+            for sock in readable:
+                side = socks.index(sock)
+                chunk = sock.recv(1 << 16)
+                now = time.monotonic_ns()
+                if not chunk:
+                    raise ConnectionError("a server closed a client")
+                buffers[side] += chunk
+                while len(buffers[side]) >= NEWS_FRAME:
+                    frame = buffers[side][:NEWS_FRAME]
+                    buffers[side] = buffers[side][NEWS_FRAME:]
+                    (stamp,) = struct.unpack(">Q", frame[-64:-56])
+                    arrivals[side].append(now - stamp)
+    local, remote = (sorted(a) for a in arrivals)
+    return {
+        "messages": messages,
+        "rate": rate,
+        "local_p50_us": _percentile(local, 0.50) / 1000,
+        "local_p99_us": _percentile(local, 0.99) / 1000,
+        "remote_p50_us": _percentile(remote, 0.50) / 1000,
+        "remote_p99_us": _percentile(remote, 0.99) / 1000,
+        "backplanes": counters,
     }
 
 
@@ -278,35 +368,133 @@ def fanout(
 
 
 class Redis:
+    """A redis-server of our own on a free loopback port, without persistence
+    (so a restart comes back empty); its log goes to /dev/null."""
+
     def __init__(self) -> None:
         binary = os.environ.get("TRIONET_REDIS_SERVER") or shutil.which("redis-server")
         if not binary:
-            raise SystemExit("redis-server is needed for the fan-out figures")
+            raise SystemExit("redis-server is needed for the backplane figures")
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--logfile", ""]
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
+        self.argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        self.argv += ["--save", "", "--appendonly", "no", "--logfile", "/dev/null"]
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + STEP
-        while "Ready to accept connections" not in (
-            line := self.proc.stdout.readline()
-        ):
-            if not line or time.monotonic() > deadline:
+        while True:  # ready when it answers
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("redis-server did not start")
-        self.url = f"redis://127.0.0.1:{self.port}"
+            time.sleep(0.02)
 
-    def stop(self) -> None:
-        self.proc.terminate()  # our own child, by PID
+    def stop(self, kill: bool = False) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        if kill:
+            self.proc.kill()  # our own child, by PID
+        else:
+            self.proc.terminate()
         self.proc.wait(timeout=STEP)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)  # our own child, by PID
+
+
+# -------------------------------------------------------------- fault runs
+
+
+class _LossLines(logging.Handler):
+    """Counts the backplane's WARNING lines about lost messages."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "given up" in message or "never arrived" in message:
+            self.lines.append(message)
+
+
+def fault_run(
+    fault: str, rate: float, before: float, pause: float, after: float
+) -> dict[str, Any]:
+    """Publish at ``rate`` for ``before + pause + after`` seconds from one
+    server to the client of another, each with its own backplane; ``pause``
+    seconds into it, Redis is SIGKILLed and restarted empty ("restart") or
+    SIGSTOPped and SIGCONTed ("hang").  Counts what the client got."""
+    redis = Redis()
+    loss_lines = _LossLines()
+    logging.getLogger("trionet").addHandler(loss_lines)
+
+    async def idle(cc: trionet.channels.ChannelConnection) -> None:
+        await cc.publish("hello", b"")
+        await trio.sleep_forever()
+
+    async def main() -> dict[str, Any]:
+        bp_a = trionet.channels.RedisBackplane(redis.url)
+        bp_b = trionet.channels.RedisBackplane(redis.url)
+        open_server = trionet.channels.open_channel_server
+        async with open_server(idle, backplane=bp_a, grace_period=0) as a:
+            async with open_server(idle, backplane=bp_b, grace_period=0) as b:
+                async with trionet.channels.connect_channels(
+                    "127.0.0.1", b.port
+                ) as client:
+                    await client.receive("hello")
+                    total = int(rate * (before + pause + after))
+                    begin = trio.current_time()
+
+                    async def publish() -> None:
+                        for i in range(total):
+                            await trio.sleep_until(begin + i / rate)
+                            await a.publish("news", str(i))
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(publish)
+                        await trio.sleep_until(begin + before)
+                        if fault == "restart":
+                            redis.stop(kill=True)
+                        else:
+                            redis.signal(signal.SIGSTOP)
+                        await trio.sleep(pause)
+                        if fault == "restart":
+                            await trio.to_thread.run_sync(redis.start)
+                        else:
+                            redis.signal(signal.SIGCONT)
+                    got: list[int] = []
+                    with trio.move_on_after(STEP):
+                        while len(got) < total:
+                            got.append(int(await client.receive("news")))
+                    await trio.sleep(1)  # anything more (a copy) would show now
+                    got += [int(m) for m in client.drain("news")]
+        return {
+            "fault": fault,
+            "rate": rate,
+            "seconds_without_redis": pause,
+            "published": total,
+            "received": len(got),
+            "in_order_no_duplicates": got == list(range(total)),
+            "publisher": attrs.asdict(bp_a.statistics()),
+            "receiver": attrs.asdict(bp_b.statistics()),
+            "loss_lines": loss_lines.lines,
+        }
+
+    try:
+        return trio.run(main)
+    finally:
+        logging.getLogger("trionet").removeHandler(loss_lines)
+        redis.stop()
 
 
 # ---------------------------------------------------------------- helpers
@@ -329,6 +517,22 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def _percentile(sorted_values: list[int], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
+    return float(sorted_values[index])
+
+
+def _lost(backplanes: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    # (given up by the publisher, missed by a receiver), in either design.
+    return [
+        (
+            b.get("dropped", b.get("not_delivered", 0)) + b.get("unconfirmed", 0),
+            b.get("missed", 0),
+        )
+        for b in backplanes
+    ]
+
+
 def _median_range(values: list[float]) -> str:
     return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
@@ -339,6 +543,17 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--latency-messages", type=int, default=5_000)
+    parser.add_argument("--latency-rate", type=float, default=1_000.0)
+    parser.add_argument(
+        "--only-backplane", action="store_true", help="skip the ping-pong figures"
+    )
+    parser.add_argument(
+        "--fault-runs",
+        action="store_true",
+        help="only: Redis killed and restarted empty after 4 s, then Redis hung "
+        "for 8 s, each during 350 publishes/s",
+    )
     parser.add_argument("--serve-echo", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-fanout", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -348,40 +563,54 @@ def main() -> None:
         serve_fanout(args.serve_fanout[0] or None, int(args.serve_fanout[1]))
         return
     client.raise_fd_limit()
+    if args.fault_runs:
+        for fault, pause in (("restart", 4.0), ("hang", 8.0)):
+            result = fault_run(fault, 350.0, 2.0, pause, 2.0)
+            publisher, receiver = result.pop("publisher"), result.pop("receiver")
+            print(json.dumps(result))
+            print("  publisher:", json.dumps(publisher))
+            print("  receiver: ", json.dumps(receiver))
+        return
 
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
-    for _ in range(args.reps):
-        for workers in (1, 2):
-            runs[workers].append(pingpong(workers, args.duration, args.warmup))
-    rates = {w: [r["messages_per_s"] for r in runs[w]] for w in runs}
-    ratio = statistics.median(rates[2]) / statistics.median(rates[1])
+    if not args.only_backplane:
+        for _ in range(args.reps):
+            for workers in (1, 2):
+                runs[workers].append(pingpong(workers, args.duration, args.warmup))
 
     redis = Redis()
     try:
         over_redis = [
             fanout(redis.url, 2, 100, args.messages) for _ in range(args.reps)
         ]
+        latencies = [
+            latency(redis.url, args.latency_messages, args.latency_rate)
+            for _ in range(args.reps)
+        ]
     finally:
         redis.stop()
     local = [fanout(None, 1, 100, args.messages) for _ in range(args.reps)]
 
     print(f"## Scale-out ({os.cpu_count()} CPUs, Python {sys.version.split()[0]})\n")
-    print("### Ping-pong, 50 connections, 64-byte lines\n")
-    print(
-        "| workers | messages/s (median, range) | p50 µs | p99 µs "
-        "| worker CPU/s | other processes' CPU/s |"
-    )
-    print("|---|---|---|---|---|---|")
-    for workers in (1, 2):
-        rs = runs[workers]
+    if runs[1]:
+        rates = {w: [r["messages_per_s"] for r in runs[w]] for w in runs}
+        ratio = statistics.median(rates[2]) / statistics.median(rates[1])
+        print("### Ping-pong, 50 connections, 64-byte lines\n")
         print(
-            f"| {workers} | {_median_range(rates[workers])} "
-            f"| {statistics.median(r['p50_us'] for r in rs):,.0f} "
-            f"| {statistics.median(r['p99_us'] for r in rs):,.0f} "
-            f"| {statistics.median(r['worker_cpu_per_s'] for r in rs):.2f} "
-            f"| {statistics.median(r['other_cpu_per_s'] for r in rs):.2f} |"
+            "| workers | messages/s (median, range) | p50 µs | p99 µs "
+            "| worker CPU/s | other processes' CPU/s |"
         )
-    print(f"\nRatio, 2 workers / 1 worker: {ratio:.2f}\n")
+        print("|---|---|---|---|---|---|")
+        for workers in (1, 2):
+            rs = runs[workers]
+            print(
+                f"| {workers} | {_median_range(rates[workers])} "
+                f"| {statistics.median(r['p50_us'] for r in rs):,.0f} "
+                f"| {statistics.median(r['p99_us'] for r in rs):,.0f} "
+                f"| {statistics.median(r['worker_cpu_per_s'] for r in rs):.2f} "
+                f"| {statistics.median(r['other_cpu_per_s'] for r in rs):.2f} |"
+            )
+        print(f"\nRatio, 2 workers / 1 worker: {ratio:.2f}\n")
     print(f"### Fan-out of {args.messages:,} 64-byte messages to 100 clients\n")
     print("| setup | publishes/s reaching every client | deliveries/s |")
     print("|---|---|---|")
@@ -393,19 +622,29 @@ def main() -> None:
             f"| {name} | {_median_range([r['publishes_per_s'] for r in results])} "
             f"| {_median_range([r['deliveries_per_s'] for r in results])} |"
         )
-    lost = [
-        (b.get("not_delivered", 0), b.get("missed", 0))
-        for r in over_redis
-        for b in r["backplanes"]
-    ]
-    print(f"\nBackplane (not_delivered, missed) per server and run: {lost}\n")
+    print(
+        f"\n### Latency, {args.latency_messages:,} messages at "
+        f"{args.latency_rate:,.0f}/s\n"
+    )
+    print("| client | p50 µs (median, range) | p99 µs (median, range) |")
+    print("|---|---|---|")
+    for name, key in (
+        ("on the other process (through Redis)", "remote"),
+        ("on the publishing process (local)", "local"),
+    ):
+        print(
+            f"| {name} | {_median_range([r[f'{key}_p50_us'] for r in latencies])} "
+            f"| {_median_range([r[f'{key}_p99_us'] for r in latencies])} |"
+        )
+    lost = [_lost(r["backplanes"]) for r in over_redis + latencies]
+    print(f"\nBackplane (given up, missed) per server and run: {lost}\n")
     print(
         json.dumps(
             {
                 "pingpong": runs,
-                "ratio": ratio,
                 "fanout_redis": over_redis,
                 "fanout_local": local,
+                "latency": latencies,
             }
         )
     )

@@ -1342,7 +1342,7 @@ async def test_invalid_channel_names_are_refused_everywhere() -> None:
 # ----------------------------------------------------------- public surface
 
 PUBLIC = {
-    "BackplaneStats",
+    "BackplaneStatistics",
     "ChannelConnection",
     "ChannelServer",
     "ChannelStatistics",

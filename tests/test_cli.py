@@ -96,16 +96,23 @@ class EchoProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
-    async def stop(self, signum: int = signal.SIGINT) -> int:
-        """Signal the child we started and wait for it to exit."""
-        self.process.send_signal(signum)
+    async def stop(self, signum: int = signal.SIGINT, *, group: bool = False) -> int:
+        """Signal the child we started (with ``group``: its whole process
+        group, as a terminal or systemd does) and wait for it to exit."""
+        if group:
+            os.killpg(self.process.pid, signum)  # started with new_session
+        else:
+            self.process.send_signal(signum)
         with trio.fail_after(CHILD_TIMEOUT):
             return await self.process.wait()
 
 
 @asynccontextmanager
-async def echo_server(tmp_path: Path, *args: str) -> AsyncIterator[EchoProcess]:
-    """``trionet echo --port 0 *args`` in a child; stopped (killed if need be)."""
+async def echo_server(
+    tmp_path: Path, *args: str, new_session: bool = False
+) -> AsyncIterator[EchoProcess]:
+    """``trionet echo --port 0 *args`` in a child (in a process group of its
+    own with ``new_session``); stopped (killed if need be)."""
     stderr_path = tmp_path / f"echo-{next(_serial)}.err"
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
@@ -113,6 +120,7 @@ async def echo_server(tmp_path: Path, *args: str) -> AsyncIterator[EchoProcess]:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
+            start_new_session=new_session,
         )
     assert process.stdout is not None
     try:
@@ -469,21 +477,25 @@ def worker_shares(log: str) -> list[int]:
 
 @needs_posix
 @needs_reuse_port
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+@pytest.mark.parametrize("group", [False, True], ids=["parent", "group"])
 async def test_echo_workers_share_the_port_and_stop_together(
-    tmp_path: Path, signum: int
+    tmp_path: Path, signum: int, group: bool
 ) -> None:
-    async with echo_server(tmp_path, "--workers", "2") as echo:
+    async with echo_server(tmp_path, "--workers", "2", new_session=group) as echo:
         assert echo.first_line.endswith("(tcp, line framing, 2 workers)")
         result = await run_async(
             "load", f"127.0.0.1:{echo.port}", "-c", "24", "-n", "240", "--json"
         )
         assert result.returncode == 0, result.stderr
         assert load_json(result)["errors"] == {}
-        # Only the parent is signalled; it forwards the stop to the workers.
-        assert await echo.stop(signum) == 0
+        # To the parent alone, it forwards the stop to the workers; to the
+        # whole group (Ctrl-C in a terminal, systemd, docker), every worker
+        # gets it too, and that is still one stop request.
+        assert await echo.stop(signum, group=group) == 0
     log = echo.stderr()
     assert f"{signal.Signals(signum).name}: stopping 2 workers" in log
+    assert "cancelled" not in log and "restarting" not in log, log
     assert "stopped: 24 connections served (CLOSED_BY_PEER 24) by 2 workers" in log
     shares = worker_shares(log)
     # The kernel spread the 24 connections: each worker served some.
@@ -566,6 +578,22 @@ async def test_a_worker_that_cannot_listen_reports_the_error() -> None:
         await _echo._worker_main(worker, options, port)
     assert worker.last_report is not None
     assert f"cannot listen on 127.0.0.1:{port}: " in worker.last_report["error"]
+
+
+def test_a_replaced_worker_counts_toward_its_slot() -> None:
+    from trionet._cli import _echo
+
+    view = _echo._PoolView(2, [])
+    for index, accepted, reason in ((0, 3, "CLOSED_BY_PEER"), (1, 2, "SHUTDOWN")):
+        view.on_report(
+            index, {"stopped": {"accepted": accepted, "closed": {reason: accepted}}}
+        )
+    # Worker 0 was replaced; its successor reports at the end.
+    view.on_report(0, {"stopped": {"accepted": 4, "closed": {"SHUTDOWN": 4}}})
+    assert _echo._summary([view.stopped[i] for i in sorted(view.stopped)], 2) == (
+        "stopped: 9 connections served (CLOSED_BY_PEER 3, SHUTDOWN 6) "
+        "by 2 workers (7 + 2)"
+    )
 
 
 @needs_posix

@@ -1,5 +1,6 @@
-"""Scale-out on one host: reuse_port, and run_workers' processes, restarts and
-graceful shutdown.
+"""Scale-out on one host: reuse_port, and run_workers' processes: replacing
+workers that end (crash, kill, a signal to one worker), graceful shutdown on a
+signal to the parent or to the whole process group.
 
 run_workers runs its supervisor in the calling thread and starts spawned
 worker processes that import their ``main`` from this module.  Tests that only
@@ -18,7 +19,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -200,19 +203,24 @@ async def echo_with_pid(worker: trionet.Worker, port: int) -> None:
     async with trionet.open_tcp_server(
         handler, port, reuse_port=True, framing=trionet.Lines(), grace_period=0.2
     ) as server:
-        worker.report({"pid": worker.pid, "port": server.port})
+        worker.report(
+            {"pid": worker.pid, "port": server.port, "restarts": worker.restarts}
+        )
         await worker.shutdown_requested.wait()
+    worker.report({"pid": worker.pid, "stopped": True})
 
 
 def run_echo_pool() -> None:
     """The parent of a pool of echo_with_pid workers (argv: PORT WORKERS).
 
-    Prints each report as a JSON line; exits with run_workers' result.
+    Prints each report as a JSON line and logs the "trionet" logger to
+    stderr; exits with run_workers' result.
     """
 
     def on_report(index: int, report: dict[str, Any]) -> None:
         print(json.dumps({"worker": index, **report}), flush=True)
 
+    logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)
     port, workers = int(sys.argv[1]), int(sys.argv[2])
     sys.exit(
         trionet.run_workers(echo_with_pid, workers, args=(port,), on_report=on_report)
@@ -259,13 +267,13 @@ def test_a_crashed_worker_is_restarted(
     assert worker_logs.text.count("exited with code 1; restarting it in") == 2
 
 
-def test_a_worker_crashing_too_often_stops_the_pool(
+def test_with_max_restarts_a_worker_crashing_too_often_stops_the_pool(
     worker_logs: pytest.LogCaptureFixture,
 ) -> None:
     code = trionet.run_workers(always_crash, 1, max_restarts=2, restart_backoff=0.01)
     assert code == 1
     assert worker_logs.text.count("restarting it in") == 2
-    assert "crashed 3 times within 60 s, so every worker is stopped" in worker_logs.text
+    assert "ended 3 times within 60 s, so every worker is stopped" in worker_logs.text
 
 
 def _signal_self_on_first_report(*signums: int) -> Reports:
@@ -322,59 +330,40 @@ async def _read_line(stream: trio.abc.ReceiveStream, decoder: trionet.Decoder) -
         decoder.feed(data)
 
 
-async def test_four_workers_share_one_port_and_drain_on_sigterm() -> None:
-    workers = 4
-    with _reserved_port(socket.SOCK_STREAM) as holder:
-        port = holder.getsockname()[1]
+@asynccontextmanager
+async def echo_pool(
+    tmp_path: Path, workers: int, *, new_session: bool = False
+) -> AsyncIterator[tuple[trio.Process, Callable[[], Awaitable[dict[str, Any]]], Path]]:
+    """run_echo_pool in a child process of ours: the process, a function that
+    returns its next report, and the file its log goes to."""
+    holder = _reserved_port(socket.SOCK_STREAM)
+    log = tmp_path / "pool.log"
+    with holder, log.open("wb") as stderr:
         pool = await trio.lowlevel.open_process(
             [
                 sys.executable,
                 "-c",
                 "from tests.test_workers import run_echo_pool as r; r()",
-                str(port),
+                str(holder.getsockname()[1]),
                 str(workers),
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=new_session,
         )
-        try:
+        lines = trionet.Decoder(trionet.Lines())
+
+        async def next_report() -> dict[str, Any]:
             assert pool.stdout is not None
-            lines = trionet.Decoder(trionet.Lines())
-            ready: dict[int, int] = {}
             with trio.fail_after(STEP):
-                while len(ready) < workers:
-                    report = json.loads(await _read_line(pool.stdout, lines))
-                    ready[report["worker"]] = report["pid"]
-            async with trio.open_nursery() as nursery:
-                conns = []
-                served_by: list[int] = []
-                # The kernel hashes each connection to one listener; 64 of
-                # them miss one of 4 workers with odds of about 4e-8.
-                for _ in range(64):
-                    conn = await trionet.connect_tcp(
-                        "127.0.0.1", port, framing=trionet.Lines()
-                    )
-                    conns.append(conn)
-                    with trio.fail_after(STEP):
-                        served_by.append(int(await conn.receive_line()))
-                assert set(served_by) == set(ready.values())
-                # Every connection works; the last line sent before SIGTERM
-                # is echoed before the clean close.
-                for i, conn in enumerate(conns):
-                    await conn.send_line(f"line {i}")
-                for i, conn in enumerate(conns):
-                    with trio.fail_after(STEP):
-                        assert await conn.receive_line() == f"line {i}".encode()
-                pool.send_signal(signal.SIGTERM)
-                with trio.fail_after(STEP):
-                    assert await pool.wait() == 0
-                for conn in conns:
-                    with trio.fail_after(STEP):
-                        with pytest.raises(trionet.ConnectionClosed) as closed:
-                            await conn.receive_line()
-                    assert closed.value.reason is trionet.CloseReason.CLOSED_BY_PEER
-                    await conn.aclose()
-                nursery.cancel_scope.cancel()
+                report: dict[str, Any] = json.loads(
+                    await _read_line(pool.stdout, lines)
+                )
+            return report
+
+        try:
+            yield pool, next_report, log
         finally:
             with trio.CancelScope(shield=True):
                 if pool.returncode is None:
@@ -384,29 +373,59 @@ async def test_four_workers_share_one_port_and_drain_on_sigterm() -> None:
                     await pool.stdout.aclose()
 
 
-async def test_workers_stop_when_their_parent_dies() -> None:
-    with _reserved_port(socket.SOCK_STREAM) as holder:
-        port = holder.getsockname()[1]
-        pool = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-c",
-                "from tests.test_workers import run_echo_pool as r; r()",
-                str(port),
-                "2",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-        )
-        pidfds: list[int] = []
-        try:
-            assert pool.stdout is not None
-            lines = trionet.Decoder(trionet.Lines())
-            pids: set[int] = set()
+async def reports_until(
+    next_report: Callable[[], Awaitable[dict[str, Any]]], count: int
+) -> dict[int, dict[str, Any]]:
+    """The latest serving report of each worker, once ``count`` workers serve."""
+    serving: dict[int, dict[str, Any]] = {}
+    while len(serving) < count:
+        report = await next_report()
+        if "port" in report:
+            serving[report["worker"]] = report
+    return serving
+
+
+async def test_four_workers_share_one_port_and_drain_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    workers = 4
+    async with echo_pool(tmp_path, workers) as (pool, next_report, _log):
+        ready = await reports_until(next_report, workers)
+        port = ready[0]["port"]
+        conns = []
+        served_by: list[int] = []
+        # The kernel hashes each connection to one listener; 64 of them miss
+        # one of 4 workers with odds of about 4e-8.
+        for _ in range(64):
+            conn = await trionet.connect_tcp("127.0.0.1", port, framing=trionet.Lines())
+            conns.append(conn)
             with trio.fail_after(STEP):
-                while len(pids) < 2:
-                    pids.add(json.loads(await _read_line(pool.stdout, lines))["pid"])
-            pidfds = [os.pidfd_open(pid) for pid in pids]
+                served_by.append(int(await conn.receive_line()))
+        assert set(served_by) == {report["pid"] for report in ready.values()}
+        # Every connection works; the last line sent before SIGTERM is echoed
+        # before the clean close.
+        for i, conn in enumerate(conns):
+            await conn.send_line(f"line {i}")
+        for i, conn in enumerate(conns):
+            with trio.fail_after(STEP):
+                assert await conn.receive_line() == f"line {i}".encode()
+        pool.send_signal(signal.SIGTERM)
+        with trio.fail_after(STEP):
+            assert await pool.wait() == 0
+        for conn in conns:
+            with trio.fail_after(STEP):
+                with pytest.raises(trionet.ConnectionClosed) as closed:
+                    await conn.receive_line()
+            assert closed.value.reason is trionet.CloseReason.CLOSED_BY_PEER
+            await conn.aclose()
+
+
+async def test_workers_stop_when_their_parent_dies(tmp_path: Path) -> None:
+    pidfds: list[int] = []
+    async with echo_pool(tmp_path, 2) as (pool, next_report, _log):
+        try:
+            ready = await reports_until(next_report, 2)
+            pidfds = [os.pidfd_open(report["pid"]) for report in ready.values()]
             pool.kill()  # the parent only, with no chance to stop its workers
             with trio.fail_after(STEP):
                 for fd in pidfds:
@@ -416,9 +435,81 @@ async def test_workers_stop_when_their_parent_dies() -> None:
                 # A worker that outlived the test is ours to stop.
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
                 os.close(fd)
-            with trio.CancelScope(shield=True):
-                if pool.returncode is None:
-                    pool.kill()
-                await pool.wait()
-                if pool.stdout is not None:
-                    await pool.stdout.aclose()
+
+
+# ------------------------------------------------------- a pool that heals
+
+
+async def test_a_killed_or_signalled_worker_is_replaced(tmp_path: Path) -> None:
+    async with echo_pool(tmp_path, 2) as (pool, next_report, log):
+        first = await reports_until(next_report, 2)
+        os.kill(first[0]["pid"], signal.SIGKILL)  # a grandchild of ours, by PID
+        replaced = await reports_until(next_report, 1)
+        assert replaced[0]["restarts"] == 1
+        assert replaced[0]["pid"] != first[0]["pid"]
+        # SIGTERM to one worker stops it gracefully; then it is replaced too.
+        os.kill(first[1]["pid"], signal.SIGTERM)
+        while (report := await next_report()).get("port") is None:
+            assert report == {"worker": 1, "pid": first[1]["pid"], "stopped": True}
+        assert (report["worker"], report["restarts"]) == (1, 1)
+        assert report["pid"] != first[1]["pid"]
+        # And again: the backoff doubles within the restart window.
+        os.kill(report["pid"], signal.SIGTERM)
+        second = await reports_until(next_report, 1)
+        assert (second[1]["restarts"], len({second[1]["pid"], report["pid"]})) == (2, 2)
+        pool.send_signal(signal.SIGTERM)
+        with trio.fail_after(STEP):
+            assert await pool.wait() == 0
+    text = log.read_text()
+    assert (
+        f"WARNING worker 0 (pid {first[0]['pid']}) was killed by SIGKILL; "
+        "restarting it in 0.5 s" in text
+    )
+    assert (
+        f"WARNING worker 1 (pid {first[1]['pid']}) exited with code 0 after "
+        "SIGTERM; restarting it in 0.5 s" in text
+    )
+    assert (
+        f"WARNING worker 1 (pid {report['pid']}) exited with code 0 after "
+        "SIGTERM; restarting it in 1.0 s" in text
+    )
+    assert "ERROR" not in text
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+async def test_a_signal_to_the_whole_process_group_stops_the_pool_cleanly(
+    tmp_path: Path, signum: int
+) -> None:
+    async with echo_pool(tmp_path, 2, new_session=True) as (pool, next_report, log):
+        serving = await reports_until(next_report, 2)
+        os.killpg(pool.pid, signum)  # the group we made: the pool and its workers
+        stopped = set()
+        while len(stopped) < 2:
+            report = await next_report()
+            assert report.get("stopped"), report
+            stopped.add(report["worker"])
+        with trio.fail_after(STEP):
+            assert await pool.wait() == 0
+    text = log.read_text()
+    assert f"{signal.Signals(signum).name}: stopping 2 workers" in text
+    assert "restarting" not in text and "cancelled" not in text, text
+    assert all(f"pid {r['pid']}" not in text for r in serving.values())
+
+
+def test_processes_start_and_join_outside_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from multiprocessing.context import SpawnProcess
+
+    threads: list[str] = []
+    for name in ("start", "join"):
+        original = getattr(SpawnProcess, name)
+
+        def recording(self: Any, *args: Any, _original: Any = original) -> Any:
+            threads.append(threading.current_thread().name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(SpawnProcess, name, recording)
+    assert trionet.run_workers(report_and_return, 2) == 0
+    assert len(threads) == 4
+    assert threading.main_thread().name not in threads

@@ -8,7 +8,10 @@ exits with code 0.  A second signal during the shutdown stops at once.
 With ``--workers N`` the same server runs in N processes
 (:func:`trionet.run_workers`) that share the port through SO_REUSEPORT; the
 parent prints the ``listening on`` line once every worker serves, forwards
-the stop request, and sums the workers' counts in its ``stopped:`` line.
+the stop request, and sums the workers' counts in its ``stopped:`` line.  A
+signal to the whole process group (Ctrl-C in a terminal, systemd, docker)
+is the same single stop request.  A worker that ends on its own (killed, or
+signalled alone) is replaced by the pool; its counts join its successor's.
 """
 
 from __future__ import annotations
@@ -419,7 +422,10 @@ class _PoolView:
                 # this process's own SIGTERM by stopping every worker.
                 signal.raise_signal(signal.SIGTERM)
         elif "stopped" in report:
-            self.stopped[index] = report["stopped"]
+            # A worker that was replaced reported before: add them up.
+            self.stopped[index] = _add_counts(
+                self.stopped.get(index, {}), report["stopped"]
+            )
         elif "listening" in report:
             self.release()  # a worker holds the port now
             self.ready.add(index)
@@ -430,6 +436,19 @@ class _PoolView:
                     f"({report['what']}, {self.workers} workers)",
                     flush=True,
                 )
+
+
+def _add_counts(one: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    """Two workers' (or two runs of one worker's) counts, added up."""
+    total = dict(one)
+    for key, value in other.items():
+        if key == "closed":
+            closed = Counter(total.get("closed", {}))
+            closed.update(value)
+            total["closed"] = dict(closed)
+        else:
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 async def _worker_main(worker: trionet.Worker, options: _Options, port: int) -> None:

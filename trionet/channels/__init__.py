@@ -14,7 +14,7 @@ from .._util import set_public_module as _set_public_module
 from ._connection import ChannelConnection as ChannelConnection
 from ._connection import ChannelStatistics as ChannelStatistics
 from ._connection import Policy as Policy
-from ._redis import BackplaneStats as BackplaneStats
+from ._redis import BackplaneStatistics as BackplaneStatistics
 from ._redis import RedisBackplane as RedisBackplane
 from ._server import ChannelServer as ChannelServer
 from ._server import connect_channels as connect_channels
