@@ -58,7 +58,12 @@ from ._sending import (
     SendLimits,
 )
 from ._transport import Address, SocketTransport, StreamTransport
-from ._util import call_maybe_async, format_address, server_in_block
+from ._util import (
+    call_maybe_async,
+    format_address,
+    server_in_block,
+    unwrap_single_exception,
+)
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -778,23 +783,30 @@ async def serve_tcp(
     )
     server: Server | None = None
     try:
-        async with trio.open_nursery() as own_nursery:
-            server = Server(listeners, handler, opts, handler_nursery or own_nursery)
-            if opts.backplane is not None:
-                await own_nursery.start(opts.backplane.serve, server._deliver_remote)
-            await (handler_nursery or own_nursery).start(server._host_handlers)
-            own_nursery.start_soon(server._accept_all)
-            task_status.started(server)
-            try:
-                await server._supervise()
-            except BaseException:
-                # Cancelled from outside: handlers are cancelled at once and
-                # close without flushing; on_close hooks get flush_timeout.
-                server._hard_phase()
-                raise
-            if opts.backplane is not None:
-                await opts.backplane.flush(opts.flush_timeout)
-            own_nursery.cancel_scope.cancel()
+        # (An error of the backplane at start, or of an accept loop, reaches
+        # the caller as itself, not in a one-exception group.)
+        with unwrap_single_exception():
+            async with trio.open_nursery() as own_nursery:
+                server = Server(
+                    listeners, handler, opts, handler_nursery or own_nursery
+                )
+                if opts.backplane is not None:
+                    await own_nursery.start(
+                        opts.backplane.serve, server._deliver_remote
+                    )
+                await (handler_nursery or own_nursery).start(server._host_handlers)
+                own_nursery.start_soon(server._accept_all)
+                task_status.started(server)
+                try:
+                    await server._supervise()
+                except BaseException:
+                    # Cancelled from outside: handlers are cancelled at once and
+                    # close without flushing; on_close hooks get flush_timeout.
+                    server._hard_phase()
+                    raise
+                if opts.backplane is not None:
+                    await opts.backplane.flush(opts.flush_timeout)
+                own_nursery.cancel_scope.cancel()
     finally:
         for sock in listeners:
             if sock.fileno() >= 0:
