@@ -167,7 +167,7 @@ async def main(selftest: bool) -> None:
 
             await first.aclose()
             await second.aclose()
-    stats = server.stats
+    stats = server.statistics()
     print(f"server stats: {stats}")
 
     if selftest:

@@ -104,7 +104,7 @@ async def main(selftest: bool) -> None:
             conn.close_reason is trionet.CloseReason.CLOSED_BY_HOST,
             f"client close reason {conn.close_reason!r}",
         )
-        closed = server.stats.closed
+        closed = server.statistics().closed
         check(
             closed == {trionet.CloseReason.CLOSED_BY_PEER: 1},
             f"server close reasons {closed!r}",

@@ -67,14 +67,14 @@ async def main(selftest: bool) -> None:
             async with trio.open_nursery() as nursery:
                 for index in range(CLIENTS):
                     nursery.start_soon(telnet, server.port, received, index)
-    print(f"server stats: {server.stats}")
+    print(f"server stats: {server.statistics()}")
 
     if selftest:
         check(
             received == dict.fromkeys(range(CLIENTS), b"hello\n"),
             f"received {received!r}",
         )
-        stats = server.stats
+        stats = server.statistics()
         check(stats.accepted == CLIENTS, f"accepted {stats.accepted}")
         # The server ended every connection itself: CLOSED_BY_HOST on its side.
         check(

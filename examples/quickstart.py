@@ -31,9 +31,9 @@ async def main(selftest: bool) -> None:
                 if selftest:
                     assert reply == b"echo: " + text.encode(), reply
         print(f"client closed: {conn.close_reason}")
-    print(f"server stats: {server.stats}")
+    print(f"server stats: {server.statistics()}")
     if selftest:
-        assert server.stats.closed == {trionet.CloseReason.CLOSED_BY_PEER: 1}
+        assert server.statistics().closed == {trionet.CloseReason.CLOSED_BY_PEER: 1}
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ async def main(selftest: bool) -> None:
             carol.conn.close_reason is trionet.CloseReason.CLOSED_BY_PEER,
             f"carol's close reason {carol.conn.close_reason!r}",
         )
-        closed = server.stats.closed
+        closed = server.statistics().closed
         check(
             closed
             == {

@@ -156,7 +156,7 @@ async def main(selftest: bool) -> None:
                 idle_saw = f"ConnectionClosed({exc.reason.name})"
             await idle.aclose()
             print(f"  the idle client saw {idle_saw}")
-    print(f"server stats: {server.stats}")
+    print(f"server stats: {server.statistics()}")
 
     if selftest:
         expected = [

@@ -183,7 +183,7 @@ async def serve(
         ) as server:
 
             async def stats(args: list[str]) -> dict[str, Any]:
-                return {"open": server.stats.open}
+                return {"open": server.statistics().open}
 
             table: dict[str, Command] = {"stats": stats}
             if commands is not None:

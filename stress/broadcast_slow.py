@@ -74,7 +74,9 @@ async def serve_trionet() -> None:
         async def broadcast(args: list[str]) -> dict[str, Any]:
             count, size, interval_ms = map(int, args)
             result = await paced(server.broadcast, count, size, interval_ms / 1000)
-            closed = server.stats.closed.get(trionet.CloseReason.SLOW_CONSUMER, 0)
+            closed = server.statistics().closed.get(
+                trionet.CloseReason.SLOW_CONSUMER, 0
+            )
             return {**result, "slow_closed": closed}
 
         return {"broadcast": broadcast}

@@ -65,7 +65,7 @@ async def control(server: trionet.Server) -> None:
             *commands, pending = pending.split(b"\n")
             for command in commands:
                 if command == b"stats":
-                    stats = server.stats
+                    stats = server.statistics()
                     say(
                         "stats "
                         + json.dumps(

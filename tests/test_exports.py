@@ -30,7 +30,7 @@ PUBLIC = {
     "ProtocolError",
     "Server",
     "ServerOptions",
-    "ServerStats",
+    "ServerStatistics",
     "TrionetError",
     "UdpPeer",
     "UdpServer",

@@ -111,8 +111,8 @@ async def test_tls_shutdown_with_a_peer_that_never_reads_is_bounded(
             assert returned.is_set()
             await trio.aclose_forcefully(tls)
     assert 1.5 <= took <= 1.5 + 0.1
-    assert server.stats.closed == {CloseReason.SHUTDOWN: 1}
-    assert server.stats.open == 0
+    assert server.statistics().closed == {CloseReason.SHUTDOWN: 1}
+    assert server.statistics().open == 0
 
 
 async def test_tls_handler_that_returns_releases_its_slot_within_flush_timeout(
@@ -150,12 +150,12 @@ async def test_tls_handler_that_returns_releases_its_slot_within_flush_timeout(
             stuck = await tls_client_that_never_reads(server.port, client_context)
             await handler_returned.wait()
             # The connection flushes: its slot is still held, and counted.
-            assert server.stats.open == 1
+            assert server.statistics().open == 1
             await slot_released.wait()
             released = trio.current_time() - returned_at[0]
             assert released <= 1.0 + 0.05
-            assert server.stats.open == 0
-            assert server.stats.closed == {CloseReason.TIMEOUT: 1}
+            assert server.statistics().open == 0
+            assert server.statistics().closed == {CloseReason.TIMEOUT: 1}
             # The slot is free: another client is served.
             async with await trionet.connect_tcp(
                 "127.0.0.1",
@@ -185,7 +185,7 @@ async def test_aclose_from_a_handler_makes_serve_tcp_return() -> None:
                 await conn.send("shutdown")
                 await returned.wait()
                 assert await conn.receive_some() == b""
-    assert server.stats.closed == {CloseReason.SHUTDOWN: 1}
+    assert server.statistics().closed == {CloseReason.SHUTDOWN: 1}
 
 
 async def test_aclose_cut_short_still_completes_the_shutdown(
@@ -211,7 +211,7 @@ async def test_aclose_cut_short_still_completes_the_shutdown(
             await returned.wait()
             assert cancelled.is_set()
             await client.aclose()
-    assert server.stats.closed == {CloseReason.SHUTDOWN: 1}
+    assert server.statistics().closed == {CloseReason.SHUTDOWN: 1}
 
 
 async def test_a_second_aclose_with_a_shorter_grace_period_shortens_it(
@@ -261,15 +261,15 @@ async def test_shutdown_closes_clients_still_in_the_accept_filter() -> None:
         ):
             client = await trionet.connect_tcp("127.0.0.1", server.port)
             await in_filter.wait()
-            stats = server.stats
+            stats = server.statistics()
             assert (stats.open, stats.admitting, stats.accepted) == (1, 1, 0)
             await server.aclose()
             assert returned.is_set()
             # The server closed the socket at once (no ResourceWarning later).
             assert await client.receive_some() == b""
             await client.aclose()
-    assert server.stats.closed == {CloseReason.SHUTDOWN: 1}
-    assert server.stats.open == 0
+    assert server.statistics().closed == {CloseReason.SHUTDOWN: 1}
+    assert server.statistics().open == 0
 
 
 async def test_silent_tls_handshakers_hold_slots_and_show_in_the_stats(
@@ -283,16 +283,16 @@ async def test_silent_tls_handshakers_hold_slots_and_show_in_the_stats(
             silent = []
             for _ in range(5):
                 silent.append(await trio.open_tcp_stream("127.0.0.1", server.port))
-            while server.stats.admitting < 5:
+            while server.statistics().admitting < 5:
                 await trio.testing.wait_all_tasks_blocked()
-            stats = server.stats
+            stats = server.statistics()
             assert (stats.open, stats.admitting, stats.accepted) == (5, 5, 0)
             await server.aclose()
             for stream in silent:
                 # Closed by the server at once, not left to the garbage collector.
                 assert await stream.receive_some() == b""
                 await stream.aclose()
-    assert server.stats.closed == {CloseReason.SHUTDOWN: 5}
+    assert server.statistics().closed == {CloseReason.SHUTDOWN: 5}
 
 
 async def test_cancelling_serve_tcp_closes_sockets_in_the_handshake(
@@ -304,13 +304,13 @@ async def test_cancelling_serve_tcp_closes_sockets_in_the_handshake(
             returned,
         ):
             silent = await trio.open_tcp_stream("127.0.0.1", server.port)
-            while server.stats.admitting < 1:
+            while server.statistics().admitting < 1:
                 await trio.testing.wait_all_tasks_blocked()
         # Leaving ``serving`` cancelled serve_tcp from outside.
         assert returned.is_set()
         assert await silent.receive_some() == b""
         await silent.aclose()
-    assert server.stats.open == 0
+    assert server.statistics().open == 0
 
 
 # --------------------------------------------- 4. any stream really closes
@@ -502,7 +502,7 @@ async def test_broadcast_never_evicts_a_client_that_drains_its_queue(
                     await server.broadcast(b"notice")
                     await trio.sleep(0.2)
                     assert conn.close_reason is None
-                    assert server.stats.closed == {}
+                    assert server.statistics().closed == {}
                     nursery.cancel_scope.cancel()
                 assert got > 0
 
@@ -660,8 +660,8 @@ async def test_a_disconnect_inside_a_handlers_own_nursery_is_no_failure(
                 await conn.receive_some()
             await ended.wait()
             await trio.testing.wait_all_tasks_blocked()
-            assert server.handler_errors == []
-            assert server.stats.closed.keys() <= {
+            assert server.handler_exceptions == []
+            assert server.statistics().closed.keys() <= {
                 CloseReason.CLOSED_BY_PEER,
                 CloseReason.ERROR,
             }
@@ -680,9 +680,9 @@ async def test_a_group_with_another_error_is_still_a_failure(
         async with trionet.open_tcp_server(handler) as server:
             async with trionet.connect_tcp("127.0.0.1", server.port) as conn:
                 assert await conn.receive_some() == b""
-            while not server.handler_errors:
+            while not server.handler_exceptions:
                 await trio.testing.wait_all_tasks_blocked()
-    assert len(server.handler_errors) == 1
+    assert len(server.handler_exceptions) == 1
     assert "raised" in caplog.text
 
 
@@ -738,15 +738,15 @@ async def test_tls_peer_closing_without_close_notify(
         ) as server:
             await _tls_client_cut(server.port, client_context, data)
             await done.wait()
-            while not server.stats.closed:
+            while not server.statistics().closed:
                 await trio.testing.wait_all_tasks_blocked()
     if strict:
         assert seen[-1] == "ConnectionClosed"
     else:
         assert seen[0] == b"whole line"
         assert seen[1:] == (["IncompleteMessage"] if incomplete else [])
-    assert server.stats.closed == {expected: 1}
-    assert server.handler_errors == []
+    assert server.statistics().closed == {expected: 1}
+    assert server.handler_exceptions == []
 
 
 # --------------------------------------------------------- 13. half-close
@@ -801,7 +801,7 @@ async def test_a_reply_cut_short_by_shutdown_after_the_peer_eof_is_shutdown(
                 await client.send_eof()
                 await got_eof.wait()
                 await server.aclose(grace_period=1)
-    assert server.stats.closed == {CloseReason.SHUTDOWN: 1}
+    assert server.statistics().closed == {CloseReason.SHUTDOWN: 1}
 
 
 async def test_flush_timeout_after_the_peer_eof_is_timeout(
@@ -831,7 +831,7 @@ async def test_flush_timeout_after_the_peer_eof_is_timeout(
             await closed.wait()
             sock.close()
     # The peer finished first, but our side was cut short: not CLOSED_BY_PEER.
-    assert server.stats.closed == {CloseReason.TIMEOUT: 1}
+    assert server.statistics().closed == {CloseReason.TIMEOUT: 1}
 
 
 def test_connection_docstring_has_the_state_table() -> None:

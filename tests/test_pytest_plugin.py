@@ -99,7 +99,7 @@ def test_a_project_using_every_fixture_passes(project: pytest.Pytester) -> None:
                 await conn.send("x")
                 assert await conn.receive() == b"X"
                 assert len(seen) == 1
-                assert server.stats.accepted == 1
+                assert server.statistics().accepted == 1
 
             async def test_several_servers(tcp_server, tcp_client):
                 one = await tcp_server(shout, framing=trionet.Lines())

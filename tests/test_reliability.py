@@ -339,15 +339,16 @@ async def test_one_handler_in_a_hundred_raises(
                 for index in range(clients):
                     nursery.start_soon(client, index, server.port)
             await wait_until(
-                lambda: sum(server.stats.closed.values()) == clients, "every close"
+                lambda: sum(server.statistics().closed.values()) == clients,
+                "every close",
             )
     assert {i for i, what in outcomes.items() if what == "closed"} == failing
     assert len(outcomes) == clients
-    assert server.stats.closed == {
+    assert server.statistics().closed == {
         CloseReason.ERROR: len(failing),
         CloseReason.CLOSED_BY_PEER: clients - len(failing),
     }
-    assert sorted(str(error) for error in server.handler_errors) == [
+    assert sorted(str(error) for error in server.handler_exceptions) == [
         "handler 199 fails",
         "handler 99 fails",
     ]
@@ -403,12 +404,12 @@ async def test_peer_reset_inside_a_message(mode: str) -> None:
                     socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                 )
             await done.wait()
-            await wait_until(lambda: server.stats.open == 0, "the close")
+            await wait_until(lambda: server.statistics().open == 0, "the close")
     [exc] = outcome
     assert type(exc) is ConnectionClosed, repr(exc)
     assert exc.reason is CloseReason.ERROR
     assert isinstance(exc.__cause__, ConnectionResetError)
-    assert server.stats.closed == {CloseReason.ERROR: 1}
+    assert server.statistics().closed == {CloseReason.ERROR: 1}
 
 
 async def test_send_cancelled_inside_a_large_frame_over_tcp() -> None:
@@ -498,12 +499,12 @@ async def test_half_closed_peer_still_gets_its_reply(reply_after_eof: bool) -> N
                 await sock.send(b"one\ntwo\nthree\n")
                 sock.shutdown(socket.SHUT_WR)
                 reply = await receive_until_eof(sock)
-            await wait_until(lambda: server.stats.open == 0, "the close")
+            await wait_until(lambda: server.statistics().open == 0, "the close")
     if reply_after_eof:
         assert reply == b"3 lines\nONE\nTWO\nTHREE\n"
     else:
         assert reply == b"one\ntwo\nthree\n"
-    assert server.stats.closed == {CloseReason.CLOSED_BY_PEER: 1}
+    assert server.statistics().closed == {CloseReason.CLOSED_BY_PEER: 1}
 
 
 # --------------------------------------------------------------------------
@@ -558,10 +559,10 @@ async def test_huge_frame_header_over_tcp_needs_no_body() -> None:
             async with trionet.connect_tcp("127.0.0.1", server.port) as client:
                 await client.send_all((1 << 30).to_bytes(4, "big"))
                 assert await client.receive_some() == b""
-            await wait_until(lambda: server.stats.open == 0, "the close")
+            await wait_until(lambda: server.statistics().open == 0, "the close")
     assert [type(exc) for exc in outcome] == [FrameTooLarge]
     assert received == [4]
-    assert server.stats.closed == {CloseReason.PROTOCOL_ERROR: 1}
+    assert server.statistics().closed == {CloseReason.PROTOCOL_ERROR: 1}
 
 
 def _descriptor_limit() -> int:
@@ -655,11 +656,11 @@ async def test_ten_mib_without_a_delimiter(max_length: int) -> None:
                 with contextlib.suppress(ConnectionClosed):
                     while await client.receive_some():
                         pass
-            await wait_until(lambda: server.stats.open == 0, "the close")
+            await wait_until(lambda: server.statistics().open == 0, "the close")
     assert [type(exc) for exc in outcome] == [LineTooLong]
     [buffer] = buffers
     assert max_length < buffer.peak <= max_length + RECEIVE_CHUNK
-    assert server.stats.closed == {CloseReason.PROTOCOL_ERROR: 1}
+    assert server.statistics().closed == {CloseReason.PROTOCOL_ERROR: 1}
 
 
 @pytest.mark.parametrize("message_timeout", [None, 30.0])
@@ -721,7 +722,7 @@ async def test_slowloris(
                 [elapsed] = ended_after
                 assert message_timeout <= elapsed <= message_timeout + 0.9 * idle
                 assert closed == [CloseReason.TIMEOUT, CloseReason.CLOSED_BY_PEER]
-                assert server.stats.open == 0
+                assert server.statistics().open == 0
 
 
 # TLS
@@ -776,9 +777,11 @@ async def test_tls_abuse_closes_only_that_connection(
                 sock.shutdown(socket.SHUT_WR)
             await receive_until_eof(sock)
             elapsed = trio.current_time() - start
-        await wait_until(lambda: sum(server.stats.closed.values()) == 1, "the close")
+        await wait_until(
+            lambda: sum(server.statistics().closed.values()) == 1, "the close"
+        )
         expected = CloseReason.ERROR if hang_up else CloseReason.TIMEOUT
-        assert server.stats.closed == {expected: 1}
+        assert server.statistics().closed == {expected: 1}
         if hang_up:
             assert elapsed < handshake_timeout
         else:
@@ -792,7 +795,7 @@ async def test_tls_abuse_closes_only_that_connection(
         ) as good:
             await good.send(b"still serving")
             assert await good.receive() == b"still serving"
-        assert server.stats.accepted == 1
+        assert server.statistics().accepted == 1
 
 
 # Quadratic time

@@ -57,7 +57,7 @@ async def test_serve_tcp_in_a_nursery_and_connect() -> None:
             assert await conn.receive() == b"ping"
         await server.aclose()
     # serve_tcp returned by itself once the server was closed.
-    assert server.stats.open == 0
+    assert server.statistics().open == 0
 
 
 async def test_open_tcp_server_block_and_close_reasons() -> None:
@@ -88,7 +88,7 @@ async def test_handler_return_closes_with_closed_by_host() -> None:
                 await conn.receive_line()
             assert info.value.reason is CloseReason.CLOSED_BY_PEER
         await trio.testing.wait_all_tasks_blocked()
-        assert server.stats.closed == {CloseReason.CLOSED_BY_HOST: 1}
+        assert server.statistics().closed == {CloseReason.CLOSED_BY_HOST: 1}
 
 
 async def test_handler_crash_is_isolated(caplog: pytest.LogCaptureFixture) -> None:
@@ -114,8 +114,8 @@ async def test_handler_crash_is_isolated(caplog: pytest.LogCaptureFixture) -> No
             await good.send(b"still here")
             assert await good.receive() == b"still here"
         await trio.testing.wait_all_tasks_blocked()
-        assert server.stats.closed[CloseReason.ERROR] == 1
-        assert [type(e) for e in server.handler_errors] == [RuntimeError]
+        assert server.statistics().closed[CloseReason.ERROR] == 1
+        assert [type(e) for e in server.handler_exceptions] == [RuntimeError]
     assert "handler bug" in caplog.text
 
 
@@ -217,7 +217,7 @@ async def test_empty_server_block_closes_cleanly() -> None:
     # The block ends before the accept loop has run once.
     async with trionet.open_tcp_server(echo_lines) as server:
         pass
-    assert server.stats.open == 0
+    assert server.statistics().open == 0
 
 
 async def test_body_exception_group_is_not_double_wrapped() -> None:
@@ -238,8 +238,8 @@ async def test_protocol_error_escaping_a_handler_is_no_handler_failure(
             await conn.send_all(b"far too long\n")
             assert await conn.receive_some() == b""
         await trio.testing.wait_all_tasks_blocked()
-        assert server.stats.closed == {CloseReason.PROTOCOL_ERROR: 1}
-        assert server.handler_errors == []
+        assert server.statistics().closed == {CloseReason.PROTOCOL_ERROR: 1}
+        assert server.handler_exceptions == []
     assert "raised" not in caplog.text
 
 

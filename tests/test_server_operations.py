@@ -22,13 +22,13 @@ async def wait_until_closed(server: trionet.Server, count: int) -> None:
     """Block until ``count`` connections have ended (any reason) and every
     connection task has let its slot go."""
     for _ in range(1000):
-        stats = server.stats
+        stats = server.statistics()
         if sum(stats.closed.values()) >= count and stats.open == len(
             server.connections
         ):
             return
         await trio.testing.wait_all_tasks_blocked()
-    raise AssertionError(f"{count} closes expected; stats: {server.stats}")
+    raise AssertionError(f"{count} closes expected; stats: {server.statistics()}")
 
 
 async def test_registry_tracks_open_connections() -> None:
@@ -86,7 +86,7 @@ async def test_broadcast_evicts_only_the_slow_consumer() -> None:
                 )
                 conns.append(conn)
                 nursery.start_soon(read, index, conn)
-            while server.stats.accepted < readers + 1:
+            while server.statistics().accepted < readers + 1:
                 await trio.lowlevel.checkpoint()
             for number in range(total):
                 await server.broadcast(b"%08d" % number + payload)
@@ -96,11 +96,11 @@ async def test_broadcast_evicts_only_the_slow_consumer() -> None:
                         progress = trio.Event()
                         await progress.wait()
         assert received == [total] * readers
-        closed = server.stats.closed
+        closed = server.statistics().closed
         assert closed == {CloseReason.SLOW_CONSUMER: 1}
         assert len(server.connections) == readers
         # The evicted connection's handler still runs (and holds its slot).
-        assert server.stats.open == readers + 1
+        assert server.statistics().open == readers + 1
         for conn in conns:
             await conn.aclose()
         stuck.close()
@@ -124,7 +124,7 @@ async def test_send_waits_while_its_own_queue_is_full() -> None:
         blocked_at = sent
         assert blocked_at < 100_000
         assert server.connections[0].statistics().queued_messages == 4
-        assert server.stats.closed == {}
+        assert server.statistics().closed == {}
         data = await conn.receive_exactly(65536 * (blocked_at + 4))
         assert data == b"y" * len(data)
         await conn.aclose()
@@ -184,7 +184,7 @@ async def test_accept_filter_rejects_without_running_the_handler(
         assert await good.receive_line() == b"ok"
         assert seen == [good.local_address, refused.local_address]
         assert len(ran) == 1
-        stats = server.stats
+        stats = server.statistics()
         assert (stats.accepted, stats.rejected) == (1, 1)
         assert stats.closed == {CloseReason.REJECTED: 1}
         await good.aclose()
@@ -222,7 +222,7 @@ async def test_max_connections_limits_handlers_and_serves_everyone() -> None:
                 nursery.start_soon(client, number, server.port)
             await trio.testing.wait_all_tasks_blocked()
             # Everyone is connected at the kernel level, but only `limit` are served.
-            assert server.stats.open == limit
+            assert server.statistics().open == limit
             assert running == limit
             release.set()
     assert sorted(answered) == list(range(clients))
@@ -246,7 +246,7 @@ async def test_server_idle_timeout(autojump_clock: trio.testing.MockClock) -> No
             assert trio.current_time() - start == pytest.approx(30, abs=0.1)
         await wait_until_closed(server, 1)
         assert seen == [CloseReason.TIMEOUT]
-        assert server.stats.closed == {CloseReason.TIMEOUT: 1}
+        assert server.statistics().closed == {CloseReason.TIMEOUT: 1}
 
 
 async def test_graceful_shutdown_flushes_everything_sent_before_it() -> None:
@@ -299,7 +299,7 @@ async def test_graceful_shutdown_flushes_everything_sent_before_it() -> None:
         assert got == list(range(len(got)))  # in order, nothing missing
         assert len(got) >= snapshot[ident]
         assert len(got) == sent_count[ident]  # everything sent was flushed
-    assert server.stats.closed == {CloseReason.SHUTDOWN: clients}
+    assert server.statistics().closed == {CloseReason.SHUTDOWN: clients}
 
 
 async def test_shutdown_flush_is_bounded_by_flush_timeout(
@@ -322,7 +322,7 @@ async def test_shutdown_flush_is_bounded_by_flush_timeout(
         await server.aclose(grace_period=1)
         # grace period, then at most the flush timeout; the peer never read.
         assert trio.current_time() - start == pytest.approx(4, abs=0.1)
-        assert server.stats.closed == {CloseReason.SHUTDOWN: 1}
+        assert server.statistics().closed == {CloseReason.SHUTDOWN: 1}
         stuck.close()
 
 
@@ -343,7 +343,7 @@ async def test_tls_echo(
             assert await conn.receive() == b"secret"
             assert conn.remote_address == ("127.0.0.1", server.port)
         await wait_until_closed(server, 1)
-        assert server.stats.closed == {CloseReason.CLOSED_BY_PEER: 1}
+        assert server.statistics().closed == {CloseReason.CLOSED_BY_PEER: 1}
 
 
 async def test_tls_wrong_ca_fails_and_server_keeps_serving(
@@ -363,8 +363,8 @@ async def test_tls_wrong_ca_fails_and_server_keeps_serving(
             )
         assert info.value.reason is CloseReason.ERROR
         await wait_until_closed(server, 1)
-        assert server.stats.closed == {CloseReason.ERROR: 1}
-        assert server.stats.accepted == 0
+        assert server.statistics().closed == {CloseReason.ERROR: 1}
+        assert server.statistics().accepted == 0
         async with trionet.connect_tcp(
             "127.0.0.1",
             server.port,
@@ -388,7 +388,7 @@ async def test_tls_plaintext_client_is_an_error(server_context: ssl.SSLContext) 
             else:
                 raise AssertionError("the server kept the plaintext client open")
         await wait_until_closed(server, 1)
-        assert server.stats.closed == {CloseReason.ERROR: 1}
+        assert server.statistics().closed == {CloseReason.ERROR: 1}
 
 
 async def test_stats_count_bytes_and_reasons() -> None:
@@ -396,11 +396,11 @@ async def test_stats_count_bytes_and_reasons() -> None:
         async with trionet.connect_tcp("127.0.0.1", server.port) as conn:
             await conn.send_line(b"12345")
             assert await conn.receive_line() == b"12345"
-            stats = server.stats
+            stats = server.statistics()
             assert (stats.accepted, stats.open, stats.rejected) == (1, 1, 0)
             assert (stats.bytes_received, stats.bytes_sent) == (6, 6)
         await wait_until_closed(server, 1)
-        stats = server.stats
+        stats = server.statistics()
         assert stats.open == 0
         assert (stats.bytes_received, stats.bytes_sent) == (6, 6)
         assert stats.closed == {CloseReason.CLOSED_BY_PEER: 1}

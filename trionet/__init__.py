@@ -22,7 +22,7 @@ from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import TrionetError as TrionetError
 from ._server import Server as Server
 from ._server import ServerOptions as ServerOptions
-from ._server import ServerStats as ServerStats
+from ._server import ServerStatistics as ServerStatistics
 from ._server import open_tcp_server as open_tcp_server
 from ._server import serve_tcp as serve_tcp
 

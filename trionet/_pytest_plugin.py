@@ -81,8 +81,9 @@ class _Started:
 
         where = format_address(self.server.addresses[0])
         if isinstance(self.server, trionet.Server):
-            errors = self.server.handler_errors
-            what, unit, count = f"TCP server on {where}", "connection", len(errors)
+            errors = self.server.handler_exceptions
+            what, unit = f"TCP server on {where}", "connection"
+            count = self.server.statistics().handler_errors
         else:
             errors = self.udp_errors
             what, unit = f"UDP server on {where}", "peer"

@@ -71,7 +71,13 @@ if sys.version_info < (3, 11):  # pragma: no cover
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["Server", "ServerOptions", "ServerStats", "open_tcp_server", "serve_tcp"]
+__all__ = [
+    "Server",
+    "ServerOptions",
+    "ServerStatistics",
+    "open_tcp_server",
+    "serve_tcp",
+]
 
 logger = logging.getLogger("trionet")
 
@@ -244,8 +250,8 @@ class _OptionsDict(_TransportOptionsDict, total=False):
     framing: Framing | None
 
 
-@attrs.frozen
-class ServerStats:
+@attrs.frozen(kw_only=True)
+class ServerStatistics:
     """A snapshot of a server's counters.
 
     .. versionadded:: 0.1
@@ -255,6 +261,9 @@ class ServerStats:
     accepted: int
     #: Clients refused by the accept filter.
     rejected: int
+    #: Handlers that ended by raising an exception (not counting a
+    #: connection's own end, such as the peer leaving).
+    handler_errors: int
     #: Connections holding a slot now (counted against ``max_connections``):
     #: being admitted, served, or closing.
     open: int
@@ -361,6 +370,7 @@ class Server:
         self._bytes_received = 0
         self._bytes_sent = 0
         self._errors: deque[BaseException] = deque(maxlen=_ERRORS_KEPT)
+        self._handler_errors = 0
         self.addresses: list[Address] = [sock.getsockname() for sock in listeners]
         """Every bound address, as ``getsockname()`` gives it."""
         self.port: int = self.addresses[0][1]
@@ -377,17 +387,18 @@ class Server:
         return list(self._connections)
 
     @property
-    def handler_errors(self) -> list[BaseException]:
-        """The most recent exceptions that escaped a handler (at most 100)."""
+    def handler_exceptions(self) -> list[BaseException]:
+        """The most recent exceptions that escaped a handler (at most 100;
+        :meth:`statistics` counts them all)."""
         return list(self._errors)
 
-    @property
-    def stats(self) -> ServerStats:
+    def statistics(self) -> ServerStatistics:
         """A snapshot of the counters."""
         conns = self._connections
-        return ServerStats(
+        return ServerStatistics(
             accepted=self._accepted,
             rejected=self._rejected,
+            handler_errors=self._handler_errors,
             open=self._slots_held,
             admitting=self._admitting,
             closed=dict(self._closed),
@@ -657,6 +668,7 @@ class Server:
     def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
         logger.error("handler for %r raised", conn, exc_info=exc)
         self._errors.append(exc)
+        self._handler_errors += 1
         conn._close_now(CloseReason.ERROR)
 
     async def _call_hook(self, hook: Hook, conn: Connection) -> None:

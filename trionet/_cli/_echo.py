@@ -294,7 +294,7 @@ async def _next_signal(received: AsyncIterator[int]) -> str:
 def _stats(server: _AnyServer) -> dict[str, Any]:
     """The counts the closing summary reports, as JSON a worker can send."""
     if isinstance(server, trionet.Server):
-        stats = server.stats
+        stats = server.statistics()
         closed = {reason.name: n for reason, n in stats.closed.items()}
         return {"accepted": stats.accepted, "open": stats.open, "closed": closed}
     udp = server.stats

@@ -37,8 +37,7 @@ import trio
 
 from .._client import connect_tcp
 from .._connection import Connection
-from .._server import Server, _TransportOptionsDict, serve_tcp
-from .._server import ServerStats as ServerStatistics  # TODO(merge): see below
+from .._server import Server, ServerStatistics, _TransportOptionsDict, serve_tcp
 from .._transport import Address
 from .._util import server_in_block
 from ._connection import (
@@ -61,20 +60,6 @@ ChannelHandler: TypeAlias = Callable[[ChannelConnection], Awaitable[object]]
 
 
 _TcpOptions: TypeAlias = _TransportOptionsDict
-
-
-# TODO(merge): Server.statistics() / ServerStatistics / Server.handler_exceptions.
-# The TCP server's counters are being renamed on main (Server.stats ->
-# Server.statistics(), ServerStats -> ServerStatistics, Server.handler_errors
-# -> Server.handler_exceptions).  ChannelServer already speaks the new names;
-# these two functions and the ServerStatistics import above are the only
-# places that call the old ones.
-def _tcp_statistics(server: Server) -> ServerStatistics:
-    return server.stats
-
-
-def _tcp_handler_exceptions(server: Server) -> list[BaseException]:
-    return server.handler_errors
 
 
 class ChannelServer:
@@ -128,12 +113,12 @@ class ChannelServer:
         """A snapshot of the TCP server's counters (connections accepted,
         open and closed by reason, bytes), as :meth:`trionet.Server.statistics`
         gives them."""
-        return _tcp_statistics(self._tcp)
+        return self._tcp.statistics()
 
     @property
     def handler_exceptions(self) -> list[BaseException]:
         """The most recent exceptions that escaped a handler (at most 100)."""
-        return _tcp_handler_exceptions(self._tcp)
+        return self._tcp.handler_exceptions
 
     def __repr__(self) -> str:
         return (
