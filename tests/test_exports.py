@@ -16,6 +16,8 @@ PUBLIC = {
     "ConnectError",
     "Connection",
     "ConnectionClosed",
+    "ConnectionStatistics",
+    "ConnectionStream",
     "Datagram",
     "DatagramError",
     "DatagramTooLarge",

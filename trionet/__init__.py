@@ -5,12 +5,14 @@ endpoints, with line, sized and framed receive modes on one stream, and an
 explicit :class:`CloseReason` for every connection that ends.
 """
 
+from ._as_stream import ConnectionStream as ConnectionStream
 from ._client import connect_tcp as connect_tcp
 from ._codec import Decoder as Decoder
 from ._codec import Frames as Frames
 from ._codec import Framing as Framing
 from ._codec import Lines as Lines
 from ._connection import Connection as Connection
+from ._connection import ConnectionStatistics as ConnectionStatistics
 from ._exceptions import CloseReason as CloseReason
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed

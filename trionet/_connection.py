@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import attrs
 import trio
 
+from ._as_stream import ConnectionStream
 from ._codec import Frames, Framing, Lines, ReceiveBuffer, as_bytes
 from ._exceptions import (
     CloseReason,
@@ -325,6 +327,12 @@ class Connection:
         """The peer's address as ``getpeername()`` gives it (None off sockets)."""
         return self._transport.remote_address
 
+    def as_stream(self) -> ConnectionStream:
+        """This connection as a :class:`trio.abc.HalfCloseableStream` (raw
+        bytes), for code written against trio's stream interfaces.  See
+        :class:`ConnectionStream`."""
+        return ConnectionStream(self)
+
     def statistics(self) -> ConnectionStatistics:
         """A snapshot of the connection's counters."""
         queue = self._queue
@@ -589,8 +597,10 @@ class Connection:
         Raises:
             ConnectionClosed: the connection was closed by this side or failed.
         """
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
 
         def extract(buffer: ReceiveBuffer) -> bytes | None:
             if buffer or self._eof:
@@ -775,6 +785,7 @@ class Connection:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._eof_sent and not self._transport_closed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         if self._send_closed:
             raise self._closed_error()

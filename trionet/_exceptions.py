@@ -33,7 +33,11 @@ class CloseReason(enum.Enum):
     """Why a connection ended.  Every connection that ends has exactly one.
 
     The reason is taken from the first cause and never changes afterwards.
-    "Host" means *this* side, on a client as on a server.
+
+    *Host* means **this** side -- the program holding the connection, on a
+    client as on a server -- and *peer* the other side (the words are
+    XAsyncSockets').  A client that closes its own connection sees
+    CLOSED_BY_HOST; the server's side of that connection sees CLOSED_BY_PEER.
     """
 
     #: This side closed it: :meth:`Connection.aclose`, or a server handler returned.

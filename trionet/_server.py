@@ -768,8 +768,9 @@ async def serve_tcp(
             closed first); an exception escaping it is logged on the
             ``"trionet"`` logger and closes only that connection (ERROR).
         port: TCP port; 0 picks a free one, shared by every listen address.
-        host: address or name to listen on, or a sequence of them; None
-            listens on every interface (IPv4 and IPv6).
+        host: address or name to listen on, or a sequence of them.  None
+            (the default, as in trio) listens on every interface, IPv4 and
+            IPv6; pass ``"127.0.0.1"`` to accept only local clients.
         handler_nursery: run connection tasks inside this nursery instead of
             the server's own (in one inner nursery that the server's shutdown
             cancels after the grace period).
@@ -832,7 +833,7 @@ async def open_tcp_server(
     handler: Handler,
     port: int = 0,
     *,
-    host: str | Sequence[str] | None = "127.0.0.1",
+    host: str | Sequence[str] | None = None,
     **options: Unpack[_OptionsDict],
 ) -> AsyncIterator[Server]:
     """A TCP server scoped to an ``async with`` block.
@@ -846,7 +847,9 @@ async def open_tcp_server(
     Leaving the block shuts the server down gracefully (see
     :meth:`Server.aclose`; the ``grace_period`` option sets how long).
     Exceptions raised in the block reach the caller as themselves.  Takes the
-    same arguments as :func:`serve_tcp`.
+    same arguments as :func:`serve_tcp`; like it, it listens on every
+    interface unless ``host`` says otherwise (``host="127.0.0.1"`` keeps the
+    server on this machine).
 
     .. versionadded:: 0.1
     """

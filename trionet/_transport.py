@@ -117,6 +117,10 @@ class Transport:
         """Send everything, waiting for room as needed."""
         raise NotImplementedError
 
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until a send would probably not have to wait."""
+        raise NotImplementedError
+
     @property
     def can_send_eof(self) -> bool:
         """Whether :meth:`send_eof` works (TLS cannot half-close)."""
@@ -223,6 +227,9 @@ class SocketTransport(Transport):
                     continue
                 view = view[sent:]
 
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self._sock)
+
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint()
         self._sock.shutdown(socket.SHUT_WR)
@@ -321,6 +328,9 @@ class StreamTransport(Transport):
 
     async def send_all(self, data: bytes | memoryview) -> None:
         await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
 
     @property
     def can_send_eof(self) -> bool:

@@ -264,7 +264,7 @@ async def open_channel_server(
     handler: ChannelHandler,
     port: int = 0,
     *,
-    host: str | Sequence[str] | None = "127.0.0.1",
+    host: str | Sequence[str] | None = None,
     max_size: int = DEFAULT_MAX_SIZE,
     channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
