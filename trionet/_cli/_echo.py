@@ -216,6 +216,7 @@ async def _start_server(
                     port,
                     host=options.host,
                     idle_timeout=UDP_IDLE_TIMEOUT,
+                    grace_period=options.grace_period,
                     reuse_port=reuse_port,
                 )
             )
@@ -289,7 +290,7 @@ def _stats(server: _AnyServer) -> dict[str, Any]:
     if isinstance(server, trionet.Server):
         closed = {reason.name: n for reason, n in server.stats.closed.items()}
         return {"accepted": server.stats.accepted, "closed": closed}
-    udp = server.stats
+    udp = server.statistics()
     return {
         "peers": udp.peers_started,
         "received": udp.received,
@@ -430,7 +431,12 @@ async def _echo_datagrams(verbose: bool, peer: trionet.UdpPeer) -> None:
     try:
         async for data in peer:
             await peer.send(data)
-    except (trionet.ConnectionClosed, trionet.DatagramError, trionet.MessageTooLarge):
+    except (
+        trionet.ConnectionClosed,
+        trionet.DatagramError,
+        trionet.DatagramTooLarge,
+        trionet.MessageTooLarge,
+    ):
         pass
     finally:
         if verbose:
