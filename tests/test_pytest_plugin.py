@@ -298,6 +298,60 @@ def test_a_udp_handler_ending_with_its_own_close_is_not_an_error(
     run(project).assert_outcomes(passed=1)
 
 
+def test_a_udp_handler_ending_with_its_own_close_in_a_group_is_not_an_error(
+    project: pytest.Pytester,
+) -> None:
+    # A handler with a nursery of its own gets its peer's end (here: the
+    # shutdown at the end of the test) as ExceptionGroup([ConnectionClosed]);
+    # the plugin reads the server's handler_exceptions, which leave it out.
+    project.makepyfile(
+        """
+        import trio
+        import trionet
+
+        async def reader_and_writer(peer):
+            async def read():
+                async for data in peer:
+                    await peer.send(data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                nursery.start_soon(read)
+
+        async def test_group(udp_server):
+            server = await udp_server(reader_and_writer)
+            async with trionet.open_udp(remote=("127.0.0.1", server.port)) as ep:
+                await ep.send(b"start a handler")
+                with trio.fail_after(5):
+                    assert await ep.receive() == b"start a handler"
+
+        async def buggy(peer):
+            await peer.send(await peer.receive())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(peer.receive)
+                raise LookupError("a real bug")
+
+        async def test_group_with_a_bug(udp_server):
+            server = await udp_server(buggy)
+            async with trionet.open_udp(remote=("127.0.0.1", server.port)) as ep:
+                await ep.send(b"go")
+                with trio.fail_after(5):
+                    assert await ep.receive() == b"go"
+                await trio.testing.wait_all_tasks_blocked()
+        """
+    )
+    result = run(project)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*Failed: trionet udp_server: the handler buggy() of the UDP server "
+            "on 127.0.0.1:* raised 1 exception*",
+            "*LookupError: a real bug",
+            "FAILED *::test_group_with_a_bug*",
+        ]
+    )
+
+
 def test_many_handler_errors_are_summarised(project: pytest.Pytester) -> None:
     project.makepyfile(
         """

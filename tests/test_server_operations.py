@@ -433,3 +433,19 @@ async def test_options_are_validated() -> None:
     with pytest.raises(TypeError):
         async with trionet.open_tcp_server(echo_lines, no_such_option=1):  # type: ignore[call-arg]
             pass
+
+
+async def test_max_connections_with_a_listener_nobody_uses() -> None:
+    """A slot is taken only for a client that waits: a second listen address
+    that nobody connects to must not hold the only slot."""
+
+    async def hello(conn: trionet.Connection) -> None:
+        await conn.send_line(b"hello")
+
+    with trio.fail_after(10):
+        async with trionet.open_tcp_server(
+            hello, host=["127.0.0.1", "127.0.0.2"], max_connections=1
+        ) as server:
+            for _ in range(3):
+                async with trionet.connect_tcp("127.0.0.1", server.port) as conn:
+                    assert await conn.receive_line() == b"hello"

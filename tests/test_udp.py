@@ -2,7 +2,8 @@
 
 All traffic is on loopback.  Senders are paced (a reply per datagram, or a
 small burst followed by wait_all_tasks_blocked) so that loopback never drops
-anything and the results are deterministic.
+anything and the results are deterministic.  Time-dependent behaviour (idle
+timeouts, eviction, grace periods) runs on trio's autojump clock.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import math
 import socket
 import subprocess
 import sys
+import typing
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -34,10 +37,16 @@ from trionet import (
     MessageTooLarge,
     UdpPeer,
     UdpServer,
+    UdpServerOptions,
     open_udp,
     open_udp_server,
     serve_udp,
 )
+from trionet._udp._server import _UdpOptionsDict
+from trionet._util import only_own_end
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 LINUX = sys.platform.startswith("linux")
 
@@ -66,16 +75,65 @@ def _dead_port() -> int:
     return port
 
 
+def local(**options: Any) -> AbstractAsyncContextManager[Datagram]:
+    """An endpoint bound to 127.0.0.1, so that its address can be sent to."""
+    return open_udp(local_host="127.0.0.1", **options)
+
+
+def serving(handler: Any, **options: Any) -> AbstractAsyncContextManager[UdpServer]:
+    """open_udp_server on loopback; without a grace period unless given one
+    (most handlers here wait for datagrams until they are cancelled)."""
+    options.setdefault("host", "127.0.0.1")
+    options.setdefault("grace_period", 0)
+    return open_udp_server(handler, **options)
+
+
 async def echo(peer: UdpPeer) -> None:
     async for data in peer:
         await peer.send(data)
+
+
+@attrs.frozen
+class Ended:
+    """How one Stubborn handler ended."""
+
+    time: float
+    address: Any
+    reason: CloseReason | None
+    cancelled: bool
+
+
+class Stubborn:
+    """A handler that answers its peer's first datagram and then never looks
+    at the peer again, so that only a cancellation ends it."""
+
+    def __init__(self) -> None:
+        self.ended: list[Ended] = []
+
+    async def __call__(self, peer: UdpPeer) -> None:
+        await peer.send(await peer.receive())
+        cancelled = False
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled = True
+            raise
+        finally:
+            self.ended.append(
+                Ended(
+                    trio.current_time(),
+                    peer.remote_address,
+                    peer.close_reason,
+                    cancelled,
+                )
+            )
 
 
 @asynccontextmanager
 async def client_of(
     server: UdpServer, host: str = "127.0.0.1"
 ) -> AsyncIterator[Datagram]:
-    async with open_udp(host, remote=(host, server.port)) as endpoint:
+    async with open_udp(local_host=host, remote=(host, server.port)) as endpoint:
         yield endpoint
 
 
@@ -92,10 +150,12 @@ async def round_trip(endpoint: Datagram, data: bytes) -> bytes:
     [
         "Datagram",
         "DatagramError",
+        "DatagramStatistics",
         "DatagramTooLarge",
         "UdpPeer",
         "UdpServer",
-        "UdpServerStats",
+        "UdpServerOptions",
+        "UdpServerStatistics",
         "open_udp",
         "open_udp_server",
         "serve_udp",
@@ -107,9 +167,22 @@ def test_exported_from_trionet(name: str) -> None:
     assert obj.__doc__ and "versionadded:: 0.1" in obj.__doc__
 
 
+def test_old_names_are_gone() -> None:
+    assert not hasattr(trionet, "UdpServerStats")
+    assert not hasattr(UdpServer, "stats")
+
+
 def test_exception_hierarchy() -> None:
-    assert issubclass(DatagramTooLarge, MessageTooLarge)
-    assert issubclass(DatagramTooLarge, trionet.TrionetError)
+    # The peer sent the oversized datagram: a ProtocolError, not the caller's
+    # ValueError; both exceptions live with the others.
+    assert issubclass(DatagramTooLarge, trionet.ProtocolError)
+    assert not issubclass(DatagramTooLarge, MessageTooLarge)
+    assert not issubclass(DatagramTooLarge, ValueError)
+    assert DatagramTooLarge.__module__ == DatagramError.__module__ == "trionet"
+    from trionet import _exceptions
+
+    assert _exceptions.DatagramTooLarge is DatagramTooLarge
+    assert _exceptions.DatagramError is DatagramError
     assert issubclass(DatagramError, trionet.TrionetError)
     assert issubclass(DatagramError, OSError)
     assert not issubclass(DatagramError, ConnectionClosed)
@@ -117,13 +190,20 @@ def test_exception_hierarchy() -> None:
     assert err.errno == errno.ECONNREFUSED
     assert err.address == ("127.0.0.1", 9)
     assert "refused" in str(err)
+    too_large = DatagramTooLarge(("::1", 5, 0, 0), 70000, 100)
+    assert str(too_large) == (
+        "discarded a datagram of 70000 bytes from [::1]:5: max_size is 100"
+    )
+    assert "more than 100 bytes from an unknown sender" in str(
+        DatagramTooLarge(None, None, 100)
+    )
 
 
 # --- endpoints ----------------------------------------------------------------
 
 
 async def test_echo_between_unconnected_endpoints() -> None:
-    async with open_udp() as a, open_udp() as b:
+    async with local() as a, local() as b:
         assert a.local_address[0] == "127.0.0.1"
         assert a.local_address[1] != 0
         assert a.remote_address is None
@@ -136,17 +216,54 @@ async def test_echo_between_unconnected_endpoints() -> None:
         assert await a.receive_from() == (b"yz", b.local_address)
         await b.send_to("h\u00e9", sender)
         assert await a.receive_from() == ("h\u00e9".encode(), b.local_address)
+        assert a.statistics() == trionet.DatagramStatistics(
+            received=3, bytes_received=9, sent=1, bytes_sent=4, oversized=0
+        )
+        assert b.statistics().sent == 3
+        assert b.statistics().bytes_sent == 4 + 2 + 3
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            a.statistics().received = 0  # type: ignore[misc]
 
 
 async def test_empty_datagram() -> None:
-    async with open_udp() as a, open_udp() as b:
+    async with local() as a, local() as b:
         await a.send_to(b"", b.local_address)
         assert await b.receive_from() == (b"", a.local_address)
 
 
+async def test_open_udp_arguments_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        async with open_udp("127.0.0.1"):  # type: ignore[misc]
+            pass  # pragma: no cover
+
+
+async def test_local_host_defaults_to_the_wildcard_of_the_family() -> None:
+    async with open_udp() as unconnected:
+        assert unconnected.local_address[0] == "0.0.0.0"
+    async with local() as target, open_udp(remote=target.local_address) as client:
+        # Bound to 0.0.0.0; once connected, the OS names the source address.
+        assert client.socket.family == socket.AF_INET
+        assert client.remote_address == target.local_address
+        await client.send(b"from the wildcard")
+        data, sender = await target.receive_from()
+        assert data == b"from the wildcard"
+        assert sender[1] == client.local_address[1]
+
+
+@needs_ipv6
+async def test_local_host_defaults_to_the_ipv6_wildcard_for_an_ipv6_remote() -> None:
+    async with (
+        open_udp(local_host="::1") as target,
+        open_udp(remote=target.local_address[:2]) as client,
+    ):
+        assert client.socket.family == socket.AF_INET6
+        await client.send(b"six")
+        assert (await target.receive_from())[0] == b"six"
+
+
 async def test_async_for_yields_datagrams_and_ends_when_closed() -> None:
     got: list[tuple[bytes, Any]] = []
-    async with open_udp() as a, open_udp() as b, trio.open_nursery() as nursery:
+    async with local() as a, local() as b, trio.open_nursery() as nursery:
 
         async def read_all() -> None:
             async for data, address in a:
@@ -166,7 +283,7 @@ async def test_async_for_yields_datagrams_and_ends_when_closed() -> None:
 
 async def test_concurrent_receivers_queue_up() -> None:
     got: list[bytes] = []
-    async with open_udp() as a, open_udp() as b, trio.open_nursery() as nursery:
+    async with local() as a, local() as b, trio.open_nursery() as nursery:
 
         async def receive_one() -> None:
             data, _ = await a.receive_from()
@@ -181,7 +298,7 @@ async def test_concurrent_receivers_queue_up() -> None:
 
 
 async def test_closed_endpoint_raises_connection_closed() -> None:
-    async with open_udp() as a, open_udp() as b:
+    async with local() as a, local() as b:
         caught: list[ConnectionClosed] = []
         async with trio.open_nursery() as nursery:
 
@@ -204,7 +321,7 @@ async def test_closed_endpoint_raises_connection_closed() -> None:
 
 
 async def test_connected_endpoints() -> None:
-    async with open_udp() as a, open_udp(remote=a.local_address) as b:
+    async with local() as a, local(remote=a.local_address) as b:
         assert b.remote_address == a.local_address
         await b.send(b"hello")
         data, address = await a.receive_from()
@@ -213,14 +330,14 @@ async def test_connected_endpoints() -> None:
         assert await b.receive() == b"back"
 
         # The OS drops datagrams to b that do not come from its remote.
-        async with open_udp() as stranger:
+        async with local() as stranger:
             await stranger.send_to(b"not for you", b.local_address)
             await a.send_to(b"from remote", b.local_address)
             assert await b.receive() == b"from remote"
 
 
 async def test_send_and_receive_need_a_remote() -> None:
-    async with open_udp() as a:
+    async with local() as a:
         with pytest.raises(RuntimeError, match="send_to"):
             await a.send(b"x")
         with pytest.raises(RuntimeError, match="receive_from"):
@@ -229,16 +346,17 @@ async def test_send_and_receive_need_a_remote() -> None:
 
 async def test_connect_to_other_family_fails_clearly() -> None:
     with pytest.raises(trionet.ConnectError) as info:
-        async with open_udp("127.0.0.1", remote=("::1", 9)):
+        async with open_udp(local_host="127.0.0.1", remote=("::1", 9)):
             pass  # pragma: no cover
     assert info.value.reason is CloseReason.ERROR
     assert isinstance(info.value.__cause__, OSError)
+    assert "local_host and remote must be of the same address family" in str(info.value)
 
 
 async def test_wrapping_a_socket() -> None:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await sock.bind(("127.0.0.1", 0))
-    async with Datagram(sock, max_size=10) as a, open_udp() as b:
+    async with Datagram(sock, max_size=10) as a, local() as b:
         assert a.socket is sock
         assert a.max_size == 10
         await b.send_to(b"wrapped", a.local_address)
@@ -249,6 +367,11 @@ async def test_wrapping_a_socket() -> None:
         pytest.raises(ValueError, match="SOCK_DGRAM"),
     ):
         Datagram(stream)
+    with (
+        trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other,
+        pytest.raises(ValueError, match="oversized"),
+    ):
+        Datagram(other, oversized="ignore")  # type: ignore[arg-type]
 
 
 # --- broadcast -------------------------------------------------------------
@@ -262,19 +385,19 @@ async def test_broadcast_flag_sets_so_broadcast() -> None:
 
 async def test_broadcast_on_loopback() -> None:
     try:
-        receiver_cm = open_udp("127.255.255.255")
+        receiver_cm = open_udp(local_host="127.255.255.255")
         receiver = await receiver_cm.__aenter__()
     except OSError as exc:  # pragma: no cover - depends on the sandbox
         pytest.skip(f"cannot bind the loopback broadcast address: {exc}")
     try:
         target = ("127.255.255.255", receiver.local_address[1])
-        async with open_udp() as plain:
+        async with local() as plain:
             with pytest.raises(DatagramError) as info:
                 await plain.send_to(b"refused", target)
             assert info.value.errno == errno.EACCES
             assert "broadcast=True" in str(info.value)
             assert isinstance(info.value.__cause__, PermissionError)
-        async with open_udp(broadcast=True) as sender:
+        async with local(broadcast=True) as sender:
             await sender.send_to(b"to everyone", target)
             assert await receiver.receive_from() == (
                 b"to everyone",
@@ -287,7 +410,7 @@ async def test_broadcast_on_loopback() -> None:
 @needs_ipv6
 async def test_broadcast_needs_ipv4() -> None:
     with pytest.raises(ValueError, match="IPv6"):
-        async with open_udp("::1", broadcast=True):
+        async with open_udp(local_host="::1", broadcast=True):
             pass  # pragma: no cover
 
 
@@ -295,19 +418,79 @@ async def test_broadcast_needs_ipv4() -> None:
 
 
 async def test_oversized_outgoing_is_refused_before_sending() -> None:
-    async with open_udp(max_size=100) as a, open_udp() as b:
+    async with local(max_size=100) as a, local() as b:
         with pytest.raises(MessageTooLarge, match="101 bytes"):
             await a.send_to(b"x" * 101, b.local_address)
-        async with open_udp(remote=b.local_address, max_size=100) as connected:
+        async with local(remote=b.local_address, max_size=100) as connected:
             with pytest.raises(MessageTooLarge):
                 await connected.send(b"y" * 101)
         await a.send_to(b"z" * 100, b.local_address)
         # The first datagram b sees is the one that fitted.
         assert await b.receive_from() == (b"z" * 100, a.local_address)
+        assert a.statistics().sent == 1
 
 
-async def test_oversized_incoming_is_reported_not_truncated() -> None:
-    async with open_udp(max_size=100) as small, open_udp() as big:
+async def test_a_receive_loop_goes_on_past_an_oversized_datagram(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trionet")
+    async with local(max_size=100) as small, local() as stranger, local() as friend:
+        await stranger.send_to(b"a" * 5000, small.local_address)
+        await friend.send_to(b"b" * 100, small.local_address)
+        # The oversized datagram was discarded; the receive returned the next.
+        assert await small.receive_from() == (b"b" * 100, friend.local_address)
+        stats = small.statistics()
+        assert (stats.oversized, stats.received, stats.bytes_received) == (1, 1, 100)
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    message = record.getMessage()
+    assert f"from 127.0.0.1:{stranger.local_address[1]}" in message
+    assert "max_size is 100" in message
+    if LINUX:
+        assert "5000 bytes" in message
+
+
+async def test_async_for_goes_on_past_an_oversized_datagram() -> None:
+    got: list[bytes] = []
+    async with local(max_size=10) as small, local() as big:
+        for data in (b"1", b"x" * 11, b"2", b"y" * 65507, b"3"):
+            await big.send_to(data, small.local_address)
+        async for data, _ in small:
+            got.append(data)
+            if len(got) == 3:
+                break
+        assert small.statistics().oversized == 2
+    assert got == [b"1", b"2", b"3"]
+
+
+async def test_oversized_discards_are_logged_at_most_every_ten_seconds(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trionet")
+    async with local(max_size=10) as small, local() as big:
+        for _ in range(3):
+            await big.send_to(b"x" * 11, small.local_address)
+        await big.send_to(b"ok", small.local_address)
+        assert (await small.receive_from())[0] == b"ok"
+        assert len(caplog.records) == 1
+        assert "1 oversized datagram(s) discarded" in caplog.records[0].getMessage()
+        await trio.sleep(9)
+        await big.send_to(b"x" * 11, small.local_address)
+        await big.send_to(b"ok", small.local_address)
+        assert (await small.receive_from())[0] == b"ok"
+        assert len(caplog.records) == 1  # still within ten seconds
+        await trio.sleep(1)
+        await big.send_to(b"x" * 11, small.local_address)
+        await big.send_to(b"ok", small.local_address)
+        assert (await small.receive_from())[0] == b"ok"
+        # The next message counts every discard since the last one.
+        assert len(caplog.records) == 2
+        assert "4 oversized datagram(s) discarded" in caplog.records[1].getMessage()
+        assert small.statistics().oversized == 5
+
+
+async def test_oversized_raise_reports_each_datagram_not_truncated() -> None:
+    async with local(max_size=100, oversized="raise") as small, local() as big:
         await big.send_to(b"a" * 101, small.local_address)
         await big.send_to(b"b" * 5000, small.local_address)
         await big.send_to(b"c" * 100, small.local_address)
@@ -322,10 +505,11 @@ async def test_oversized_incoming_is_reported_not_truncated() -> None:
         assert info.value.size == (5000 if LINUX else None)
         # The endpoint is still usable; a datagram of exactly max_size passes.
         assert await small.receive_from() == (b"c" * 100, big.local_address)
+        assert small.statistics().oversized == 2
 
 
 async def test_largest_ipv4_datagram_round_trips() -> None:
-    async with open_udp() as a, open_udp() as b:
+    async with local() as a, local() as b:
         assert a.max_size == 65507
         await a.send_to(b"m" * 65507, b.local_address)
         assert await b.receive_from() == (b"m" * 65507, a.local_address)
@@ -338,7 +522,10 @@ async def test_largest_ipv4_datagram_round_trips() -> None:
 
 @needs_ipv6
 async def test_ipv6_echo() -> None:
-    async with open_udp("::1", max_size=65527) as a, open_udp("::1") as b:
+    async with (
+        open_udp(local_host="::1", max_size=65527) as a,
+        open_udp(local_host="::1") as b,
+    ):
         assert a.local_address[0] == "::1"
         assert len(a.local_address) == 4
         await a.send_to(b"six", b.local_address)
@@ -351,7 +538,7 @@ async def test_ipv6_echo() -> None:
 
 @needs_ipv6
 async def test_ipv6_server() -> None:
-    async with open_udp_server(echo, host="::1") as server:
+    async with serving(echo, host="::1") as server:
         assert server.addresses[0][0] == "::1"
         async with client_of(server, "::1") as client:
             assert await round_trip(client, b"v6") == b"v6"
@@ -362,8 +549,8 @@ async def test_ipv6_server() -> None:
 
 async def test_port_unreachable_surfaces_on_next_receive() -> None:
     dead = ("127.0.0.1", _dead_port())
-    async with open_udp_server(echo) as server, client_of(server) as bystander:
-        async with open_udp(remote=dead) as endpoint:
+    async with serving(echo) as server, client_of(server) as bystander:
+        async with local(remote=dead) as endpoint:
             await endpoint.send(b"anyone there?")
             with pytest.raises(DatagramError) as info:
                 await endpoint.receive()
@@ -385,16 +572,19 @@ async def test_port_unreachable_surfaces_on_next_receive() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"port": -1}, ValueError),
-        ({"port": 65536}, ValueError),
-        ({"port": "80"}, TypeError),
+        ({"local_port": -1}, ValueError),
+        ({"local_port": 65536}, ValueError),
+        ({"local_port": "80"}, TypeError),
         ({"max_size": 0}, ValueError),
         ({"max_size": 65508}, ValueError),
+        ({"max_size": 65528}, ValueError),
         ({"max_size": 1.5}, TypeError),
         ({"remote": ("127.0.0.1", 0)}, ValueError),
         ({"remote": "127.0.0.1:80"}, ValueError),
         ({"broadcast": 1}, TypeError),
-        ({"host": 127}, TypeError),
+        ({"local_host": 127}, TypeError),
+        ({"oversized": "ignore"}, ValueError),
+        ({"host": "127.0.0.1"}, TypeError),  # the old name
     ],
 )
 async def test_open_udp_validates_options(
@@ -409,15 +599,21 @@ async def test_open_udp_validates_options(
     ("kwargs", "error"),
     [
         ({"port": -1}, ValueError),
+        ({"port": "0"}, TypeError),
         ({"idle_timeout": 0}, ValueError),
         ({"idle_timeout": -1.0}, ValueError),
         ({"idle_timeout": math.nan}, ValueError),
         ({"idle_timeout": "5"}, TypeError),
         ({"queue_size": 0}, ValueError),
         ({"queue_size": 1.5}, TypeError),
+        ({"queue_bytes": 0}, ValueError),
         ({"max_peers": 0}, ValueError),
         ({"max_size": 0}, ValueError),
-        ({"max_size": 65508}, ValueError),
+        ({"max_size": 65508}, ValueError),  # over IPv4's limit
+        ({"grace_period": -1}, ValueError),
+        ({"reuse_port": 1}, TypeError),
+        ({"host": 127}, TypeError),
+        ({"no_such_option": 1}, TypeError),
     ],
 )
 async def test_server_validates_options(
@@ -428,6 +624,31 @@ async def test_server_validates_options(
             pass  # pragma: no cover
 
 
+def test_options_are_declared_once() -> None:
+    # serve_udp's keyword arguments are typed by a TypedDict that must agree
+    # with UdpServerOptions, field for field and type for type.
+    attrs.resolve_types(UdpServerOptions)
+    fields = {field.name: field.type for field in attrs.fields(UdpServerOptions)}
+    assert typing.get_type_hints(_UdpOptionsDict) == fields
+    defaults = UdpServerOptions()
+    assert defaults.idle_timeout == 60.0
+    assert defaults.grace_period == 5.0
+    assert defaults.queue_size == 256
+    assert defaults.queue_bytes == 1024 * 1024
+    assert defaults.max_peers == 1024
+    assert defaults.max_size == 65507
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        defaults.max_peers = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        UdpServerOptions(1.0)  # type: ignore[misc]  # keyword-only
+
+
+async def test_aclose_validates_the_grace_period() -> None:
+    async with serving(echo) as server:
+        with pytest.raises(ValueError, match="grace_period"):
+            await server.aclose(grace_period=-1)
+
+
 # --- serve_udp ------------------------------------------------------------
 
 
@@ -435,6 +656,7 @@ async def test_serve_udp_with_nursery_start(nursery: trio.Nursery) -> None:
     server = await nursery.start(partial(serve_udp, host="127.0.0.1"), echo, 0)
     assert isinstance(server, UdpServer)
     assert server.addresses == (("127.0.0.1", server.port),)
+    assert server.options == UdpServerOptions()
     async with client_of(server) as a, client_of(server) as b:
         for i in range(5):
             assert await round_trip(a, b"a%d" % i) == b"a%d" % i
@@ -443,10 +665,10 @@ async def test_serve_udp_with_nursery_start(nursery: trio.Nursery) -> None:
             a.local_address,
             b.local_address,
         }
-        stats = server.stats
+        stats = server.statistics()
         assert (stats.received, stats.peers_started, stats.open_peers) == (10, 2, 2)
         assert stats.dropped == stats.peers_rejected == stats.handler_errors == 0
-    await server.aclose()
+    await server.aclose(grace_period=0)
     assert server.peers == ()
 
 
@@ -465,37 +687,13 @@ async def test_serve_udp_returns_after_aclose() -> None:
         async with client_of(server) as client:
             assert await round_trip(client, b"hi") == b"hi"
             await trio.testing.wait_all_tasks_blocked()
-            await server.aclose()
+            await server.aclose(grace_period=0)
     # The nursery exited, so serve_udp returned; the handler was cancelled.
     assert reasons == [CloseReason.SHUTDOWN]
 
 
-async def test_handler_nursery_peers_see_shutdown() -> None:
-    caught: list[ConnectionClosed] = []
-
-    async def handler(peer: UdpPeer) -> None:
-        await peer.send(await peer.receive())
-        with pytest.raises(ConnectionClosed) as info:
-            await peer.receive()
-        caught.append(info.value)
-        with pytest.raises(ConnectionClosed):
-            await peer.send(b"too late")
-
-    async with trio.open_nursery() as handlers, trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(serve_udp, host="127.0.0.1", handler_nursery=handlers),
-            handler,
-            0,
-        )
-        async with client_of(server) as client:
-            assert await round_trip(client, b"hi") == b"hi"
-            await trio.testing.wait_all_tasks_blocked()
-            await server.aclose()
-    assert [e.reason for e in caught] == [CloseReason.SHUTDOWN]
-
-
 async def test_wildcard_host_binds_every_family_on_one_port() -> None:
-    async with open_udp_server(echo, host=None) as server:
+    async with open_udp_server(echo, host=None, grace_period=0) as server:
         assert len({address[1] for address in server.addresses}) == 1
         hosts = {address[0] for address in server.addresses}
         assert "0.0.0.0" in hosts
@@ -504,6 +702,16 @@ async def test_wildcard_host_binds_every_family_on_one_port() -> None:
         if "::" in hosts and _can_bind_ipv6_loopback():
             async with client_of(server, "::1") as client6:
                 assert await round_trip(client6, b"v6") == b"v6"
+
+
+async def test_open_udp_server_binds_every_interface_by_default() -> None:
+    async with open_udp_server(echo, grace_period=0) as server:
+        assert "0.0.0.0" in {address[0] for address in server.addresses}
+        async with client_of(server) as client:
+            assert await round_trip(client, b"any") == b"any"
+    with pytest.raises(TypeError):
+        async with open_udp_server(echo, 0, "127.0.0.1"):  # type: ignore[misc]
+            pass  # pragma: no cover
 
 
 async def test_hundred_peers_in_order_with_one_slow_handler() -> None:
@@ -526,7 +734,7 @@ async def test_hundred_peers_in_order_with_one_slow_handler() -> None:
             handled[client].append(seq)
             await peer.send(data)  # the ack paces the sender
 
-    async with open_udp_server(handler) as server, client_of(server) as slow:
+    async with serving(handler) as server, client_of(server) as slow:
 
         async def fast_client(client_id: int, pace_slow: bool) -> None:
             async with client_of(server) as endpoint:
@@ -551,7 +759,7 @@ async def test_hundred_peers_in_order_with_one_slow_handler() -> None:
             release.set()
             await slow_done.wait()
         assert slow_handled == list(range(per_peer))
-        stats = server.stats
+        stats = server.statistics()
         assert stats.dropped == 0
         assert stats.received == peers * per_peer
         assert stats.peers_started == peers
@@ -571,7 +779,7 @@ async def test_full_queue_drops_and_counts() -> None:
             await peer.send(handled[-1])
 
     async with (
-        open_udp_server(handler, queue_size=2) as server,
+        serving(handler, queue_size=2) as server,
         client_of(server) as client,
     ):
         await client.send(b"0")
@@ -579,13 +787,46 @@ async def test_full_queue_drops_and_counts() -> None:
         for i in range(1, 6):
             await client.send(b"%d" % i)
         await trio.testing.wait_all_tasks_blocked()
-        assert server.stats.dropped == 3
+        assert server.statistics().dropped == 3
         release.set()
         assert await client.receive() == b"1"
         assert await client.receive() == b"2"
         # Later datagrams are accepted again.
         assert await round_trip(client, b"6") == b"6"
     assert handled == [b"0", b"1", b"2", b"6"]
+
+
+async def test_queue_bytes_bounds_each_peer() -> None:
+    first = trio.Event()
+    release = trio.Event()
+    handled: list[bytes] = []
+
+    async def handler(peer: UdpPeer) -> None:
+        handled.append(await peer.receive())
+        first.set()
+        await release.wait()
+        async for data in peer:
+            handled.append(data)
+            await peer.send(b"got %d" % len(data))
+
+    async with (
+        serving(handler, queue_size=100, queue_bytes=250, max_size=1000) as server,
+        client_of(server) as client,
+    ):
+        await client.send(b"first")
+        await first.wait()
+        for tag in b"abcd":
+            await client.send(bytes([tag]) * 100)
+        await trio.testing.wait_all_tasks_blocked()
+        # 100 + 100 bytes fit in 250; the third and fourth do not.
+        assert server.statistics().dropped == 2
+        release.set()
+        assert await client.receive() == b"got 100"
+        assert await client.receive() == b"got 100"
+        # Into an empty queue a datagram larger than queue_bytes still goes.
+        assert await round_trip(client, b"e" * 1000) == b"got 1000"
+        assert server.statistics().dropped == 2
+    assert handled == [b"first", b"a" * 100, b"b" * 100, b"e" * 1000]
 
 
 async def test_idle_peer_times_out(
@@ -608,29 +849,49 @@ async def test_idle_peer_times_out(
             raise  # letting the peer's own ConnectionClosed escape is not an error
 
     async with (
-        open_udp_server(handler, idle_timeout=10) as server,
+        serving(handler, idle_timeout=10) as server,
         client_of(server) as client,
     ):
         for i in range(3):
             assert await round_trip(client, b"%d" % i) == b"%d" % i
             await trio.sleep(6)  # virtual time: less than idle_timeout
-        with trio.fail_after(
-            100
-        ):  # virtual seconds: turns a missing timeout into a failure
+        with trio.fail_after(100):  # virtual seconds: a missing timeout fails
             await ended.wait()
         assert timed_out == [(arrivals[-1] + 10, CloseReason.TIMEOUT)]
         await trio.testing.wait_all_tasks_blocked()
         assert server.peers == ()
         # The next datagram from the same address starts a new handler.
         assert await round_trip(client, b"back") == b"back"
-        assert server.stats.peers_started == 2
-        assert server.stats.handler_errors == 0
+        assert server.statistics().peers_started == 2
+        assert server.statistics().handler_errors == 0
     # The second handler saw the server shut down.
     assert [reason for _, reason in timed_out] == [
         CloseReason.TIMEOUT,
         CloseReason.SHUTDOWN,
     ]
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_idle_timeout_is_sixty_seconds_by_default(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ended: list[tuple[float, CloseReason | None]] = []
+    done = trio.Event()
+
+    async def handler(peer: UdpPeer) -> None:
+        try:
+            await echo(peer)
+        finally:
+            ended.append((trio.current_time(), peer.close_reason))
+            done.set()
+
+    async with serving(handler) as server, client_of(server) as client:
+        assert server.idle_timeout == 60.0
+        start = trio.current_time()
+        assert await round_trip(client, b"hello") == b"hello"
+        with trio.fail_after(1000):  # virtual seconds
+            await done.wait()
+    assert ended == [(start + 60, CloseReason.TIMEOUT)]
 
 
 async def test_receive_raises_timeout_for_plain_receive(
@@ -651,7 +912,7 @@ async def test_receive_raises_timeout_for_plain_receive(
         done.set()
 
     async with (
-        open_udp_server(handler, idle_timeout=2.5) as server,
+        serving(handler, idle_timeout=2.5) as server,
         client_of(server) as client,
     ):
         start = trio.current_time()
@@ -671,7 +932,7 @@ async def test_max_peers_is_honoured() -> None:
                 return
 
     async with (
-        open_udp_server(handler, max_peers=2) as server,
+        serving(handler, max_peers=2) as server,
         client_of(server) as c1,
         client_of(server) as c2,
         client_of(server) as c3,
@@ -682,8 +943,9 @@ async def test_max_peers_is_honoured() -> None:
         # c1's next datagram is read after c3's.
         assert await round_trip(c1, b"1 again") == b"1 again"
         await trio.testing.wait_all_tasks_blocked()
-        stats = server.stats
+        stats = server.statistics()
         assert stats.peers_rejected == 1
+        assert stats.peers_evicted == 0  # nobody was idle long enough
         assert stats.peers_started == 2
         assert {p.remote_address for p in server.peers} == {
             c1.local_address,
@@ -693,7 +955,127 @@ async def test_max_peers_is_honoured() -> None:
         assert await round_trip(c1, b"bye") == b"bye"
         await trio.testing.wait_all_tasks_blocked()
         assert await round_trip(c3, b"3 again") == b"3 again"
-        assert server.stats.peers_started == 3
+        assert server.statistics().peers_started == 3
+
+
+# --- a spray of source ports cannot lock new peers out (eviction) ------------
+
+
+async def test_a_spray_of_source_ports_cannot_lock_out_new_peers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Many source ports fill the peer cap; once they stop sending, a new
+    peer is admitted within 5 s (far less than the 60 s idle_timeout) by
+    evicting the least recently active sprayed peer."""
+    cap, spray = 8, 64
+    stubborn = Stubborn()  # only a cancellation frees its slot
+
+    with trio.fail_after(1000):  # virtual seconds: a hang fails the test
+        async with (
+            serving(stubborn, max_peers=cap) as server,
+            client_of(server) as newcomer,
+        ):
+            assert server.idle_timeout == 60.0
+            sprayed: list[Any] = []
+            async with trio.open_nursery() as nursery:
+                for _ in range(spray):
+                    sprayed.append(await nursery.start(_sprayer, server.port))
+                await trio.testing.wait_all_tasks_blocked()
+                stats = server.statistics()
+                assert (stats.peers_started, stats.peers_rejected) == (cap, spray - cap)
+                first = [p.remote_address for p in server.peers]
+                assert first == sprayed[:cap]
+
+                # While the spray is fresh, the newcomer is refused.
+                start = trio.current_time()
+                await newcomer.send(b"let me in")
+                await trio.testing.wait_all_tasks_blocked()
+                assert server.statistics().peers_rejected == spray - cap + 1
+                assert len(server.peers) == cap
+
+                # The spray has stopped; the newcomer tries once a second.
+                with trio.fail_after(100):  # virtual seconds: a lock-out fails
+                    while True:
+                        await newcomer.send(b"let me in")
+                        with trio.move_on_after(1):
+                            assert await newcomer.receive() == b"let me in"
+                            break
+                assert trio.current_time() == start + 5
+                nursery.cancel_scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            stats = server.statistics()
+            assert stats.peers_evicted == 1
+            # The evicted peer was the least recently active, closed with
+            # TIMEOUT, and its handler cancelled so that its slot was free.
+            [evicted] = stubborn.ended
+            assert evicted.address == first[0]
+            assert evicted.reason is CloseReason.TIMEOUT
+            assert evicted.cancelled
+            assert newcomer.local_address in {p.remote_address for p in server.peers}
+            assert len(server.peers) == cap
+
+
+async def _sprayer(
+    port: int, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """One sprayed source port: sends one datagram and keeps its port bound."""
+    async with open_udp(local_host="127.0.0.1", remote=("127.0.0.1", port)) as ep:
+        await ep.send(b"spray")
+        task_status.started(ep.local_address)
+        await trio.sleep_forever()
+
+
+async def test_eviction_spares_active_peers_and_recent_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with (
+        serving(echo, max_peers=2) as server,
+        client_of(server) as active,
+        client_of(server) as idle,
+        client_of(server) as newcomer,
+    ):
+        assert await round_trip(idle, b"i") == b"i"
+        assert await round_trip(active, b"a") == b"a"
+        # 4 s later nobody has been idle for 5 s: the newcomer is refused.
+        await trio.sleep(4)
+        assert await round_trip(active, b"a") == b"a"
+        await newcomer.send(b"n")
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.statistics().peers_rejected == 1
+        # At 6 s the idle peer has been silent for 6 s; the active one for 2.
+        await trio.sleep(2)
+        with trio.fail_after(10):  # virtual seconds: a refusal fails
+            assert await round_trip(newcomer, b"n") == b"n"
+        stats = server.statistics()
+        assert (stats.peers_evicted, stats.peers_rejected) == (1, 1)
+        assert {p.remote_address for p in server.peers} == {
+            active.local_address,
+            newcomer.local_address,
+        }
+
+
+async def test_eviction_waits_for_a_shorter_idle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ignores_its_peer = Stubborn()  # never receives: never notices a timeout
+    with trio.fail_after(1000):  # virtual seconds: a hang fails the test
+        async with (
+            serving(ignores_its_peer, max_peers=1, idle_timeout=2) as server,
+            client_of(server) as first,
+            client_of(server) as second,
+        ):
+            assert await round_trip(first, b"1") == b"1"
+            await trio.sleep(1.5)
+            await second.send(b"2")
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.statistics().peers_rejected == 1
+            await trio.sleep(0.5)  # idle for idle_timeout (2 s), less than 5 s
+            with trio.fail_after(10):  # virtual seconds: a refusal fails
+                assert await round_trip(second, b"2") == b"2"
+            assert server.statistics().peers_evicted == 1
+
+
+# --- handler ends and failures ----------------------------------------------
 
 
 async def test_handler_crash_only_ends_that_peer(
@@ -710,7 +1092,7 @@ async def test_handler_crash_only_ends_that_peer(
             await peer.send(data)
 
     async with (
-        open_udp_server(handler) as server,
+        serving(handler) as server,
         client_of(server) as good,
         client_of(server) as bad,
     ):
@@ -726,11 +1108,34 @@ async def test_handler_crash_only_ends_that_peer(
         assert str(bad.local_address[1]) in record.getMessage()
         bad_peer = next(p for p in seen if p.remote_address == bad.local_address)
         assert bad_peer.close_reason is CloseReason.ERROR
-        assert server.stats.handler_errors == 1
+        assert server.statistics().handler_errors == 1
+        [exc] = server.handler_exceptions
+        assert isinstance(exc, ValueError)
         # The good peer is untouched; the bad address gets a new handler.
         assert await round_trip(good, b"c") == b"c"
         assert await round_trip(bad, b"fresh") == b"fresh"
-        assert server.stats.peers_started == 3
+        assert server.statistics().peers_started == 3
+
+
+async def test_handler_exceptions_keeps_the_last_hundred(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.CRITICAL, logger="trionet")
+
+    async def handler(peer: UdpPeer) -> None:
+        data = await peer.receive()
+        await peer.send(data)
+        raise RuntimeError(data.decode())
+
+    async with serving(handler) as server, client_of(server) as client:
+        for i in range(101):
+            assert await round_trip(client, b"%d" % i) == b"%d" % i
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.statistics().handler_errors == 101
+        kept = server.handler_exceptions
+        assert [str(e) for e in kept] == [str(i) for i in range(1, 101)]
+        kept.clear()  # a copy
+        assert len(server.handler_exceptions) == 100
 
 
 async def test_peer_aclose_ends_async_for_quietly() -> None:
@@ -743,11 +1148,11 @@ async def test_peer_aclose_ends_async_for_quietly() -> None:
                 await peer.aclose()
         finished.append(peer.close_reason)
 
-    async with open_udp_server(handler) as server, client_of(server) as client:
+    async with serving(handler) as server, client_of(server) as client:
         assert await round_trip(client, b"close") == b"close"
         await trio.testing.wait_all_tasks_blocked()
         assert finished == [CloseReason.CLOSED_BY_HOST]
-        assert server.stats.handler_errors == 0
+        assert server.statistics().handler_errors == 0
 
 
 async def test_handler_return_closes_peer_by_host() -> None:
@@ -757,7 +1162,7 @@ async def test_handler_return_closes_peer_by_host() -> None:
         peers.append(peer)
         await peer.send(await peer.receive())
 
-    async with open_udp_server(handler) as server, client_of(server) as client:
+    async with serving(handler) as server, client_of(server) as client:
         assert await round_trip(client, b"one") == b"one"
         await trio.testing.wait_all_tasks_blocked()
         assert server.peers == ()
@@ -780,37 +1185,371 @@ async def test_server_oversized_datagrams() -> None:
         await peer.send(b"done")
 
     async with (
-        open_udp_server(handler, max_size=10) as server,
+        serving(handler, max_size=10) as server,
         client_of(server) as client,
     ):
         await client.send(b"x" * 11)
         await client.send(b"y" * 10)
         assert await client.receive() == b"done"
-        assert server.stats.oversized == 1
+        assert server.statistics().oversized == 1
     too_large, fine = events
     assert isinstance(too_large, DatagramTooLarge)
     assert too_large.address == client.local_address
     assert fine == b"y" * 10
 
 
-async def test_body_exception_is_not_wrapped() -> None:
-    with pytest.raises(KeyError) as info:
-        async with open_udp_server(echo) as server:
+# --- the end of a handler's own peer is no handler failure --------------------
+
+
+class _Other(Exception):
+    pass
+
+
+def test_only_own_end_of_a_single_exception() -> None:
+    def is_own(exc: BaseException) -> bool:
+        return isinstance(exc, ConnectionClosed)
+
+    assert only_own_end(ConnectionClosed(CloseReason.TIMEOUT), is_own)
+    assert not only_own_end(_Other(), is_own)
+    assert not only_own_end(KeyboardInterrupt(), is_own)
+
+
+def test_only_own_end_of_groups() -> None:
+    mine = ConnectionClosed(CloseReason.CLOSED_BY_PEER)
+    theirs = ConnectionClosed(CloseReason.CLOSED_BY_PEER)
+
+    def is_own(exc: BaseException) -> bool:
+        return exc is mine
+
+    assert only_own_end(ExceptionGroup("", [mine]), is_own)
+    assert only_own_end(ExceptionGroup("", [mine, mine]), is_own)
+    nested = ExceptionGroup("", [ExceptionGroup("", [mine]), mine])
+    assert only_own_end(ExceptionGroup("", [nested]), is_own)
+    assert not only_own_end(ExceptionGroup("", [mine, theirs]), is_own)
+    assert not only_own_end(
+        ExceptionGroup("", [ExceptionGroup("", [mine, _Other()])]), is_own
+    )
+    with_interrupt = BaseExceptionGroup("", [mine, KeyboardInterrupt()])
+    assert not only_own_end(with_interrupt, is_own)
+
+
+async def test_a_disconnect_in_the_handlers_own_nursery_is_no_failure(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that runs a reader and a writer in its own nursery gets its
+    peer's idle timeout as ExceptionGroup([ConnectionClosed]): not logged at
+    ERROR, not counted, not kept."""
+    caplog.set_level(logging.DEBUG, logger="trionet")
+    raised: list[BaseException] = []
+    ended = trio.Event()
+    peers: list[UdpPeer] = []
+
+    async def handler(peer: UdpPeer) -> None:
+        peers.append(peer)
+        outgoing, incoming = trio.open_memory_channel[bytes](10)
+
+        async def reader() -> None:
+            async with outgoing:
+                async for data in peer:
+                    await outgoing.send(data)
+
+        async def writer() -> None:
+            async for data in incoming:
+                await peer.send(data)
+            await trio.sleep_forever()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                nursery.start_soon(writer)
+        except BaseException as exc:
+            raised.append(exc)
+            ended.set()
+            raise
+
+    async with (
+        serving(handler, idle_timeout=3) as server,
+        client_of(server) as client,
+    ):
+        assert await round_trip(client, b"x") == b"x"
+        with trio.fail_after(60):  # virtual seconds
+            await ended.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        [group] = raised
+        assert isinstance(group, ExceptionGroup)
+        assert [type(e) for e in group.exceptions] == [ConnectionClosed]
+        assert peers[0].close_reason is CloseReason.TIMEOUT
+        assert server.statistics().handler_errors == 0
+        assert server.handler_exceptions == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_group_of_the_peers_own_oversized_datagram_is_no_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="trionet")
+    peers: list[UdpPeer] = []
+
+    async def handler(peer: UdpPeer) -> None:
+        peers.append(peer)
+
+        async def read() -> None:
+            async for data in peer:
+                await peer.send(data)
+
+        async with trio.open_nursery() as outer:
+            outer.start_soon(read)
+
+    async with (
+        serving(handler, max_size=10) as server,
+        client_of(server) as client,
+    ):
+        assert await round_trip(client, b"fits") == b"fits"
+        await client.send(b"x" * 11)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.statistics().handler_errors == 0
+        assert server.handler_exceptions == []
+        # The peer sent what we refuse: it ends as a protocol error.
+        assert peers[0].close_reason is CloseReason.PROTOCOL_ERROR
+        # A new datagram from the address starts a fresh handler.
+        assert await round_trip(client, b"again") == b"again"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_group_with_a_real_error_is_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="trionet")
+    peers: list[UdpPeer] = []
+
+    async def handler(peer: UdpPeer) -> None:
+        peers.append(peer)
+        await peer.send(await peer.receive())
+        await peer.aclose()
+
+        async def own_end() -> None:
+            await peer.receive()
+
+        async def bug() -> None:
+            raise _Other("a handler bug")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(own_end)
+            nursery.start_soon(bug)
+
+    async with serving(handler) as server, client_of(server) as client:
+        assert await round_trip(client, b"x") == b"x"
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.statistics().handler_errors == 1
+        [group] = server.handler_exceptions
+        assert isinstance(group, ExceptionGroup)
+        assert group.subgroup(_Other) is not None
+        # The peer was already closed by the handler: that reason stays.
+        assert peers[0].close_reason is CloseReason.CLOSED_BY_HOST
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+
+
+# --- shutdown -------------------------------------------------------------
+
+
+async def test_aclose_gives_handlers_the_grace_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Admission stops at once; existing peers go on receiving and sending
+    during the grace period; aclose returns when the handlers are done."""
+    finished: list[tuple[float, CloseReason | None]] = []
+
+    async def handler(peer: UdpPeer) -> None:
+        async for data in peer:
+            await peer.send(data)
+            if data == b"last":
+                await trio.sleep(3)
+                await peer.send(b"bye")
+                break
+        finished.append((trio.current_time(), peer.close_reason))
+
+    stopped = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def run(task_status: trio.TaskStatus[UdpServer]) -> None:
+            await serve_udp(handler, 0, host="127.0.0.1", task_status=task_status)
+            stopped.set()
+
+        server: UdpServer = await nursery.start(run)
+        async with client_of(server) as client, client_of(server) as late:
+            assert await round_trip(client, b"before") == b"before"
+            start = trio.current_time()
+            closed_at: list[float] = []
+
+            async def close() -> None:
+                await server.aclose(grace_period=10)
+                closed_at.append(trio.current_time())
+
+            nursery.start_soon(close)
+            await trio.testing.wait_all_tasks_blocked()
+            # A new peer is refused at once ...
+            await late.send(b"new")
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.statistics().peers_rejected == 1
+            assert server.statistics().peers_started == 1
+            # ... while the existing one goes on both ways.
+            await trio.sleep(1)
+            assert await round_trip(client, b"during") == b"during"
+            assert await round_trip(client, b"last") == b"last"
+            assert await client.receive() == b"bye"
+            await stopped.wait()
+    assert finished == [(start + 4, None)]
+    # aclose returned once the handler was done, well inside the grace period.
+    assert closed_at == [start + 4]
+
+
+async def test_aclose_cancels_handlers_after_the_grace_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stubborn = Stubborn()
+    with trio.fail_after(1000):  # virtual seconds: a hang fails the test
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(serve_udp, host="127.0.0.1", grace_period=7), stubborn, 0
+            )
             async with client_of(server) as client:
                 assert await round_trip(client, b"x") == b"x"
-            raise KeyError("from the body")
-    assert type(info.value) is KeyError
-    assert info.value.__context__ is None
+                start = trio.current_time()
+                await server.aclose()  # the grace_period option: 7 s
+                assert trio.current_time() == start + 7
+    [ended] = stubborn.ended
+    assert (ended.time, ended.reason, ended.cancelled) == (
+        start + 7,
+        CloseReason.SHUTDOWN,
+        True,
+    )
 
 
-async def test_body_exception_keeps_its_context() -> None:
-    with pytest.raises(RuntimeError) as info:
-        async with open_udp_server(echo):
-            try:
-                raise LookupError("first")
-            except LookupError:
-                raise RuntimeError("second") from None
-    assert isinstance(info.value.__context__, LookupError)
+async def test_aclose_cut_short_still_completes_the_shutdown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stubborn = Stubborn()
+    with trio.fail_after(100):  # virtual seconds: a hang fails the test
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(
+                    partial(serve_udp, host="127.0.0.1", handler_nursery=handlers),
+                    stubborn,
+                    0,
+                )
+                async with client_of(server) as client:
+                    assert await round_trip(client, b"x") == b"x"
+                    start = trio.current_time()
+                    with trio.move_on_after(0.1):
+                        await server.aclose()
+                    assert trio.current_time() == start + 0.1
+            # serve_udp returned: the nursery above has exited.
+            assert trio.current_time() == start + 5  # the default grace period
+    [ended] = stubborn.ended
+    assert (ended.time, ended.reason, ended.cancelled) == (
+        start + 5,
+        CloseReason.SHUTDOWN,
+        True,
+    )
+    assert server.statistics().open_peers == 0
+
+
+async def test_a_handler_calling_aclose_makes_serve_udp_return(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    servers: list[UdpServer] = []
+    cancelled: list[float] = []
+
+    async def handler(peer: UdpPeer) -> None:
+        async for data in peer:
+            await peer.send(data)
+            if data == b"shutdown":
+                try:
+                    await servers[0].aclose(grace_period=1)
+                except trio.Cancelled:
+                    # Its own wait is cancelled after the grace period.
+                    cancelled.append(trio.current_time())
+                    raise
+
+    with trio.fail_after(100):  # virtual seconds: a hang fails the test
+        async with trio.open_nursery() as nursery:
+            servers.append(
+                await nursery.start(partial(serve_udp, host="127.0.0.1"), handler, 0)
+            )
+            async with client_of(servers[0]) as client:
+                assert await round_trip(client, b"shutdown") == b"shutdown"
+                start = trio.current_time()
+    assert trio.current_time() == start + 1
+    assert cancelled == [start + 1]
+    assert servers[0].peers == ()
+
+
+async def test_a_later_shorter_grace_period_shortens_the_shutdown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stubborn = Stubborn()
+    returned: list[tuple[str, float]] = []
+    with trio.fail_after(1000):  # virtual seconds: a hang fails the test
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(serve_udp, host="127.0.0.1"), stubborn, 0
+            )
+            async with client_of(server) as client:
+                assert await round_trip(client, b"x") == b"x"
+            start = trio.current_time()
+
+            async def close(name: str, grace: float) -> None:
+                await server.aclose(grace_period=grace)
+                returned.append((name, trio.current_time()))
+
+            nursery.start_soon(close, "first", 100)
+            await trio.sleep(1)
+            nursery.start_soon(close, "second", 2)
+            await trio.sleep(1)
+            nursery.start_soon(close, "longer, later", 50)  # does not lengthen it
+    assert sorted(returned) == [
+        ("first", start + 3),
+        ("longer, later", start + 3),
+        ("second", start + 3),
+    ]
+
+
+async def test_handlers_run_in_one_inner_nursery_of_handler_nursery() -> None:
+    caught: list[ConnectionClosed] = []
+    parents: list[trio.Nursery | None] = []
+    cancelled = trio.Event()
+
+    async def handler(peer: UdpPeer) -> None:
+        parents.append(trio.lowlevel.current_task().parent_nursery)
+        await peer.send(await peer.receive())
+        with pytest.raises(ConnectionClosed) as info:
+            await peer.receive()
+        caught.append(info.value)
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    with trio.fail_after(30):  # a hang guard, not a timing assertion
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(
+                    partial(serve_udp, host="127.0.0.1", handler_nursery=handlers),
+                    handler,
+                    0,
+                )
+                async with client_of(server) as a, client_of(server) as b:
+                    assert await round_trip(a, b"a") == b"a"
+                    assert await round_trip(b, b"b") == b"b"
+                    await trio.testing.wait_all_tasks_blocked()
+                    await server.aclose(grace_period=0)
+            # The handlers were cancelled, though handlers stays open.
+            assert cancelled.is_set()
+            [inner] = set(parents)
+            assert inner is not handlers and inner is not nursery
+            assert inner is not None and inner.parent_task.parent_nursery is handlers
+    assert [e.reason for e in caught] == [CloseReason.SHUTDOWN] * 2
 
 
 async def test_cancelling_serve_udp_closes_peers_with_shutdown() -> None:
@@ -834,7 +1573,75 @@ async def test_cancelling_serve_udp_closes_peers_with_shutdown() -> None:
                 scope.cancel()
     assert [p.close_reason for p in peers] == [CloseReason.SHUTDOWN]
     assert server.peers == ()
-    assert server.stats.handler_errors == 0
+    assert server.statistics().handler_errors == 0
+
+
+async def test_cancelling_serve_udp_cancels_handlers_in_handler_nursery_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stubborn = Stubborn()
+    with trio.fail_after(100):  # virtual seconds: a hang fails the test
+        async with trio.open_nursery() as handlers:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    server = await nursery.start(
+                        partial(serve_udp, host="127.0.0.1", handler_nursery=handlers),
+                        stubborn,
+                        0,
+                    )
+                    async with client_of(server) as client:
+                        assert await round_trip(client, b"x") == b"x"
+                        start = trio.current_time()
+                        scope.cancel()
+    [ended] = stubborn.ended
+    assert (ended.time, ended.reason, ended.cancelled) == (
+        start,
+        CloseReason.SHUTDOWN,
+        True,
+    )
+    assert all(s.fileno() == -1 for s in (e.sock for e in server._sockets))
+    # aclose after the fact returns at once.
+    await server.aclose()
+
+
+async def test_aclose_twice_and_after_stopping() -> None:
+    peers: list[UdpPeer] = []
+
+    async def handler(peer: UdpPeer) -> None:
+        peers.append(peer)
+        await echo(peer)
+
+    async with serving(handler) as server, client_of(server) as client:
+        assert await round_trip(client, b"x") == b"x"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.aclose)
+            nursery.start_soon(server.aclose)
+        # Both calls returned once the one shutdown was over.
+        assert [p.close_reason for p in peers] == [CloseReason.SHUTDOWN]
+        assert server.peers == ()
+        assert all(s.fileno() == -1 for s in (e.sock for e in server._sockets))
+        await server.aclose()  # after stopping: returns at once
+    # (and once more when the block ends)
+
+
+async def test_body_exception_is_not_wrapped() -> None:
+    with pytest.raises(KeyError) as info:
+        async with serving(echo) as server:
+            async with client_of(server) as client:
+                assert await round_trip(client, b"x") == b"x"
+            raise KeyError("from the body")
+    assert type(info.value) is KeyError
+    assert info.value.__context__ is None
+
+
+async def test_body_exception_keeps_its_context() -> None:
+    with pytest.raises(RuntimeError) as info:
+        async with serving(echo):
+            try:
+                raise LookupError("first")
+            except LookupError:
+                raise RuntimeError("second") from None
+    assert isinstance(info.value.__context__, LookupError)
 
 
 def test_example_runs_its_selftest() -> None:

@@ -16,6 +16,10 @@ from ._connection import ConnectionStatistics as ConnectionStatistics
 from ._exceptions import CloseReason as CloseReason
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed
+
+# datagrams
+from ._exceptions import DatagramError as DatagramError
+from ._exceptions import DatagramTooLarge as DatagramTooLarge
 from ._exceptions import FrameTooLarge as FrameTooLarge
 from ._exceptions import IncompleteMessage as IncompleteMessage
 from ._exceptions import LineTooLong as LineTooLong
@@ -27,14 +31,12 @@ from ._server import ServerOptions as ServerOptions
 from ._server import ServerStatistics as ServerStatistics
 from ._server import open_tcp_server as open_tcp_server
 from ._server import serve_tcp as serve_tcp
-
-# datagrams
 from ._udp import Datagram as Datagram
-from ._udp import DatagramError as DatagramError
-from ._udp import DatagramTooLarge as DatagramTooLarge
+from ._udp import DatagramStatistics as DatagramStatistics
 from ._udp import UdpPeer as UdpPeer
 from ._udp import UdpServer as UdpServer
-from ._udp import UdpServerStats as UdpServerStats
+from ._udp import UdpServerOptions as UdpServerOptions
+from ._udp import UdpServerStatistics as UdpServerStatistics
 from ._udp import open_udp as open_udp
 from ._udp import open_udp_server as open_udp_server
 from ._udp import serve_udp as serve_udp

@@ -4,22 +4,30 @@ Nothing here imports trio: the sans-IO codecs raise these too.
 
 Whose fault is it?  Every error names it:
 
-* :class:`ProtocolError` -- the *peer* sent bytes we refuse (the connection is
-  closed with :attr:`CloseReason.PROTOCOL_ERROR`).
+* :class:`ProtocolError` -- the *peer* sent something we refuse.  A stream
+  connection is then closed with :attr:`CloseReason.PROTOCOL_ERROR`; a
+  datagram endpoint or UDP peer stays open, since the offending datagram was
+  discarded whole and the next one stands on its own
+  (:class:`DatagramTooLarge`).
 * :class:`ValueError` / :class:`TypeError` -- *our caller* asked for something
-  impossible (a line containing its delimiter, a frame over the limit); nothing
-  was sent and the connection stays open.
+  impossible (a line containing its delimiter, a frame or datagram over the
+  limit); nothing was sent and the connection stays open.
+* :class:`OSError` -- the network or the operating system failed
+  (:class:`ConnectError`, :class:`DatagramError`).
 * :class:`ConnectionClosed` -- the connection is over; ``.reason`` says why.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 __all__ = [
     "CloseReason",
     "ConnectError",
     "ConnectionClosed",
+    "DatagramError",
+    "DatagramTooLarge",
     "FrameTooLarge",
     "IncompleteMessage",
     "LineTooLong",
@@ -98,9 +106,12 @@ class IncompleteMessage(ConnectionClosed):
 
 
 class ProtocolError(TrionetError):
-    """The peer sent bytes that the framing refuses.
+    """The peer sent something that trionet refuses.
 
-    The connection is closed with :attr:`CloseReason.PROTOCOL_ERROR`.
+    On a stream connection these are bytes the framing refuses, and the
+    connection is closed with :attr:`CloseReason.PROTOCOL_ERROR`.  A
+    datagram endpoint or UDP peer stays open (:class:`DatagramTooLarge`):
+    the datagram was discarded whole and the next one is unaffected.
     """
 
 
@@ -128,3 +139,64 @@ class ConnectError(TrionetError, OSError):
     def __init__(self, reason: CloseReason, message: str) -> None:
         self.reason = reason
         super().__init__(message)
+
+
+class DatagramTooLarge(ProtocolError):
+    """An incoming datagram was larger than the endpoint's ``max_size``.
+
+    The peer sent it, so this is a :class:`ProtocolError`.  The datagram was
+    discarded whole, never truncated; the endpoint (or UDP peer) stays open
+    and the next receive returns the next datagram.  (An *outgoing* datagram
+    over ``max_size`` is the caller's mistake: :class:`MessageTooLarge`.)
+
+    Attributes:
+        address (tuple | None): who sent it.
+        size (int | None): its size in bytes where the OS reports it (Linux),
+            else ``None`` (it was at least ``max_size + 1`` bytes).
+        max_size (int): the limit it broke.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self, address: tuple[Any, ...] | None, size: int | None, max_size: int
+    ) -> None:
+        # (Imported here: _util imports trio, which the codecs, raising the
+        # other exceptions of this module, must not need.)
+        from ._util import format_address
+
+        self.address = address
+        self.size = size
+        self.max_size = max_size
+        amount = f"{size} bytes" if size is not None else f"more than {max_size} bytes"
+        sender = format_address(address) if address is not None else "an unknown sender"
+        super().__init__(
+            f"discarded a datagram of {amount} from {sender}: max_size is {max_size}"
+        )
+
+
+class DatagramError(TrionetError, OSError):
+    """The operating system reported a network error for a datagram.
+
+    Most often this is an ICMP error for an earlier send: "port unreachable"
+    (``errno`` is ``ECONNREFUSED``) when nothing listens at the remote address
+    of a connected endpoint.  UDP has no connection to lose, so this is not a
+    :class:`ConnectionClosed`: the endpoint stays open and the error is
+    reported once.  The original :class:`OSError` is the ``__cause__`` and its
+    ``errno`` is copied.
+
+    Attributes:
+        address (tuple | None): the remote address the error concerns, where
+            known.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self, errno: int | None, message: str, address: tuple[Any, ...] | None = None
+    ) -> None:
+        self.address = address
+        if errno is None:
+            super().__init__(message)
+        else:
+            super().__init__(errno, message)

@@ -71,23 +71,20 @@ class _Started:
     server: trionet.Server | trionet.UdpServer
     handler: object
     stopped: trio.Event
-    #: The exceptions that escaped UDP handlers (TCP servers keep their own).
-    udp_errors: list[BaseException] = dataclasses.field(default_factory=list)
 
     def failure(self) -> str | None:
         """What to tell the user if exceptions escaped the handler, else None."""
         import trionet
         from trionet._util import format_address
 
-        where = format_address(self.server.addresses[0])
-        if isinstance(self.server, trionet.Server):
-            errors = self.server.handler_exceptions
-            what, unit = f"TCP server on {where}", "connection"
-            count = self.server.statistics().handler_errors
-        else:
-            errors = self.udp_errors
+        server = self.server
+        where = format_address(server.addresses[0])
+        if isinstance(server, trionet.UdpServer):
             what, unit = f"UDP server on {where}", "peer"
-            count = self.server.stats.handler_errors
+        else:
+            what, unit = f"TCP server on {where}", "connection"
+        errors = server.handler_exceptions
+        count = server.statistics().handler_errors
         if not count:
             return None
         return _failure(self.fixture, what, self.handler, errors, count, unit)
@@ -105,7 +102,6 @@ class _Registry:
         fixture: str,
         serve: Callable[..., Awaitable[object]],
         handler: Callable[[Any], Awaitable[object]],
-        recorded: object,
         options: dict[str, Any],
     ) -> _Started:
         import trio
@@ -121,7 +117,7 @@ class _Registry:
                 stopped.set()
 
         server = await self.nursery.start(run)
-        started = _Started(fixture, server, recorded, stopped)
+        started = _Started(fixture, server, handler, stopped)
         self.started.append(started)
         return started
 
@@ -135,9 +131,7 @@ class _Registry:
         import trionet
 
         options["framing"] = framing
-        started = await self._start(
-            fixture, trionet.serve_tcp, handler, handler, options
-        )
+        started = await self._start(fixture, trionet.serve_tcp, handler, options)
         assert isinstance(started.server, trionet.Server)
         return started.server
 
@@ -149,26 +143,10 @@ class _Registry:
     ) -> trionet.UdpServer:
         import trionet
 
-        errors: list[BaseException] = []
-
-        async def recording_handler(peer: trionet.UdpPeer) -> None:
-            # The UDP server counts handler errors but keeps no exceptions,
-            # so remember them here, by the rule serve_udp uses: a handler
-            # may end by letting its own peer's ConnectionClosed escape.
-            try:
-                await handler(peer)
-            except trionet.ConnectionClosed as exc:
-                if peer.close_reason is None or exc.reason is not peer.close_reason:
-                    errors.append(exc)
-                raise
-            except Exception as exc:
-                errors.append(exc)
-                raise
-
-        started = await self._start(
-            fixture, trionet.serve_udp, recording_handler, handler, options
-        )
-        started.udp_errors = errors
+        # UDP has no end of stream to wait for: unless told otherwise, the
+        # handlers are cancelled at the end of the test, without a grace period.
+        options.setdefault("grace_period", 0)
+        started = await self._start(fixture, trionet.serve_udp, handler, options)
         assert isinstance(started.server, trionet.UdpServer)
         return started.server
 
@@ -271,11 +249,15 @@ async def udp_server(
                 assert await ep.receive() == b"ping"
 
     ``await udp_server(handler, **options)`` binds 127.0.0.1 and a free port
-    (pass ``host=`` or ``port=`` to change that), takes the keyword options of
-    :func:`trionet.serve_udp`, and returns the running
-    :class:`trionet.UdpServer`.  At the end of the test the server is stopped
-    (:meth:`trionet.UdpServer.aclose`), and if any exception escaped the
-    handler the test fails, showing it.
+    (pass ``host=`` or ``port=`` to change that), takes every
+    :class:`trionet.UdpServerOptions` keyword, and returns the running
+    :class:`trionet.UdpServer`.  At the end of the test the server is shut
+    down (:meth:`trionet.UdpServer.aclose`); since UDP has no end of stream
+    that tells a handler to finish, ``grace_period`` is 0 here unless you
+    pass one, so open peers are closed with ``SHUTDOWN`` and their handlers
+    cancelled at once.  If any exception escaped the handler (other than the
+    end of its own peer, see :attr:`trionet.UdpServer.handler_exceptions`)
+    the test fails, showing it.
 
     .. versionadded:: 0.1
     """

@@ -473,28 +473,44 @@ class Server:
                 sock.close()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
+        slots = self._slots
         while True:
             # (The server may have been closed before this task first ran.)
             await trio.lowlevel.checkpoint_if_cancelled()
-            if self._slots is not None:
-                await self._slots.acquire()
-            try:
-                sock = await self._accept(listener)
-            except BaseException:
-                if self._slots is not None:
-                    self._slots.release()
-                raise
+            if slots is None:
+                accepted = await self._accept(listener)
+                assert accepted is not None
+                sock = accepted
+            else:
+                # Take a slot only once a client waits on *this* listener: a
+                # listener nobody connects to must not hold one.
+                await trio.lowlevel.wait_readable(listener)
+                await slots.acquire()
+                try:
+                    accepted = await self._accept(listener, wait=False)
+                except BaseException:
+                    slots.release()
+                    raise
+                if accepted is None:
+                    slots.release()
+                    continue
+                sock = accepted
             self._tasks += 1
             self._slots_held += 1
             self._all_done = trio.Event() if self._all_done.is_set() else self._all_done
             assert self._handlers is not None
             self._handlers.start_soon(self._run_connection, sock, name=_TASK_NAME)
 
-    async def _accept(self, listener: socket.socket) -> socket.socket:
+    async def _accept(
+        self, listener: socket.socket, *, wait: bool = True
+    ) -> socket.socket | None:
+        """Accept one client; without ``wait``, None if none is waiting."""
         while True:
             try:
                 sock, _address = _accept_nowait(listener)
             except BlockingIOError:
+                if not wait:
+                    return None
                 await trio.lowlevel.wait_readable(listener)
                 continue
             except OSError as exc:

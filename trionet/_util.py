@@ -17,6 +17,8 @@ if sys.version_info < (3, 11):  # pragma: no cover
 __all__ = [
     "call_maybe_async",
     "format_address",
+    "host_handlers",
+    "only_own_end",
     "server_in_block",
     "set_public_module",
     "unwrap_single_exception",
@@ -48,6 +50,22 @@ def format_address(address: Sequence[Any] | None) -> str:
     if isinstance(host, str) and ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def only_own_end(exc: BaseException, is_own: Callable[[BaseException], bool]) -> bool:
+    """Whether ``exc`` only reports the end of a handler's own connection or peer.
+
+    True when ``is_own(exc)`` holds, or, for an exception group (nested to
+    any depth), when it holds for every exception at its leaves.  A handler
+    that runs a reader and a writer in its own nursery gets its peer's
+    disconnect as ``ExceptionGroup([ConnectionClosed(...)])``; the servers
+    ask this to tell that ordinary end from a handler failure, where
+    ``is_own`` recognises a ConnectionClosed or ProtocolError about the
+    handler's own connection.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return all(only_own_end(inner, is_own) for inner in exc.exceptions)
+    return is_own(exc)
 
 
 @contextmanager
@@ -91,6 +109,29 @@ def set_public_module(namespace: dict[str, Any], package: str) -> None:
             and module.startswith(package + "._")
         ):
             obj.__module__ = package
+
+
+async def host_handlers(
+    adopt: Callable[[trio.Nursery], object],
+    admission_ended: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The one nursery a server runs its handler tasks in.
+
+    Start it with ``await handler_nursery.start(host_handlers, adopt,
+    admission_ended)``: it opens a nursery inside ``handler_nursery``, gives
+    it to ``adopt`` (the server keeps it to start handlers in, and cancels
+    its scope at shutdown), and keeps it open -- shielded, so even while it
+    is being cancelled -- until ``admission_ended`` is set, since until then
+    the server may still start a handler in it.  It returns once the last
+    handler has finished.
+    """
+    async with trio.open_nursery() as handlers:
+        adopt(handlers)
+        task_status.started()
+        with trio.CancelScope(shield=True):
+            await admission_ended.wait()
 
 
 @asynccontextmanager

@@ -224,6 +224,7 @@ async def _start_server(
                     port,
                     host=options.host,
                     idle_timeout=UDP_IDLE_TIMEOUT,
+                    grace_period=options.grace_period,
                     reuse_port=reuse_port,
                 )
             )
@@ -297,7 +298,7 @@ def _stats(server: _AnyServer) -> dict[str, Any]:
         stats = server.statistics()
         closed = {reason.name: n for reason, n in stats.closed.items()}
         return {"accepted": stats.accepted, "open": stats.open, "closed": closed}
-    udp = server.stats
+    udp = server.statistics()
     return {
         "peers": udp.peers_started,
         "received": udp.received,
@@ -475,7 +476,12 @@ async def _echo_datagrams(verbose: bool, peer: trionet.UdpPeer) -> None:
     try:
         async for data in peer:
             await peer.send(data)
-    except (trionet.ConnectionClosed, trionet.DatagramError, trionet.MessageTooLarge):
+    except (
+        trionet.ConnectionClosed,
+        trionet.DatagramError,
+        trionet.DatagramTooLarge,
+        trionet.MessageTooLarge,
+    ):
         pass
     finally:
         if verbose:

@@ -120,7 +120,9 @@ async def open_udp(spec: LoadSpec, stack: AsyncExitStack) -> trionet.Datagram:
     family, *_, address = infos[0]
     local = "::" if family == socket.AF_INET6 else "0.0.0.0"
     remote = (str(address[0]), int(address[1]))
-    return await stack.enter_async_context(trionet.open_udp(local, 0, remote=remote))
+    return await stack.enter_async_context(
+        trionet.open_udp(local_host=local, remote=remote)
+    )
 
 
 async def probe_udp(spec: LoadSpec, endpoint: trionet.Datagram) -> None:
