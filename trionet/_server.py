@@ -34,7 +34,6 @@ import logging
 import math
 import socket
 import ssl
-import sys
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -61,12 +60,11 @@ from ._transport import Address, SocketTransport, StreamTransport
 from ._util import (
     call_maybe_async,
     format_address,
+    host_handlers,
+    only_own_end,
     server_in_block,
     unwrap_single_exception,
 )
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -277,17 +275,19 @@ class ServerStatistics:
     bytes_sent: int
 
 
-def _own_end(conn: Connection, exc: BaseException) -> bool:
-    """Whether ``exc`` -- or every exception in it, if it is a group -- is
-    ``conn`` ending (the peer left, a timeout, a protocol error), which its
-    close reason already records: no handler failure."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_own_end(conn, inner) for inner in exc.exceptions)
-    if not isinstance(exc, ConnectionClosed | ProtocolError):
-        return False
-    return conn.close_reason is not None or (
-        conn.eof_received and isinstance(exc, ConnectionClosed)
-    )
+def _own_end(conn: Connection) -> Callable[[BaseException], bool]:
+    """Whether an exception is ``conn`` ending (the peer left, a timeout, a
+    protocol error), which its close reason already records: no handler
+    failure."""
+
+    def is_own(exc: BaseException) -> bool:
+        if not isinstance(exc, ConnectionClosed | ProtocolError):
+            return False
+        return conn.close_reason is not None or (
+            conn.eof_received and isinstance(exc, ConnectionClosed)
+        )
+
+    return is_own
 
 
 class Server:
@@ -438,23 +438,15 @@ class Server:
         for conn in list(self._connections):
             conn._offer(data)
 
+    def _adopt_handlers(self, handlers: trio.Nursery) -> None:
+        self._handlers = handlers
+
     def _deliver_remote(self, message: bytes) -> None:
         # A message another server published on the backplane.
         framing = self._options.framing
         self._deliver(message if framing is None else framing.encode(message))
 
     # -------------------------------------------------------------- accepting
-
-    async def _host_handlers(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        async with trio.open_nursery() as handlers:
-            self._handlers = handlers
-            task_status.started()
-            # No connection task can start once accepting has ended; until
-            # then keep this nursery open, even while shutdown cancels it.
-            with trio.CancelScope(shield=True):
-                await self._accept_ended.wait()
 
     async def _accept_all(self) -> None:
         try:
@@ -643,7 +635,7 @@ class Server:
                     await self._call_hook(options.on_connect, conn)
                 await self._handler(conn)
             except Exception as exc:
-                if not _own_end(conn, exc):
+                if not only_own_end(exc, _own_end(conn)):
                     self._handler_failed(conn, exc)
             except BaseException as exc:
                 cancelled = exc
@@ -823,7 +815,9 @@ async def serve_tcp(
                     await own_nursery.start(
                         opts.backplane.serve, server._deliver_remote
                     )
-                await (handler_nursery or own_nursery).start(server._host_handlers)
+                await (handler_nursery or own_nursery).start(
+                    host_handlers, server._adopt_handlers, server._accept_ended
+                )
                 own_nursery.start_soon(server._accept_all)
                 task_status.started(server)
                 try:
