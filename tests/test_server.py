@@ -286,3 +286,25 @@ async def test_handler_nursery_hosts_the_connection_tasks() -> None:
             # Nothing of the server is left in ``handlers``: it can end.
             assert not handlers.child_tasks
     assert reasons == [CloseReason.SHUTDOWN]
+
+
+def test_server_options_are_declared_once() -> None:
+    """serve_tcp's keyword arguments are typed by TypedDicts that must agree
+    with ServerOptions, field for field and type for type; the channel
+    server's are the same but for ``framing``, which it fixes itself."""
+    import typing
+
+    import attrs
+
+    import trionet._server
+    from trionet._server import _OptionsDict, _TransportOptionsDict
+
+    # (ServerOptions says it lives in "trionet": resolve its annotations in
+    # the module that defines it.)
+    attrs.resolve_types(
+        trionet.ServerOptions, globalns=vars(trionet._server), include_extras=False
+    )
+    fields = {field.name: field.type for field in attrs.fields(trionet.ServerOptions)}
+    assert typing.get_type_hints(_OptionsDict) == fields
+    del fields["framing"]
+    assert typing.get_type_hints(_TransportOptionsDict) == fields

@@ -16,6 +16,7 @@ from ._codec import Framing
 from ._connection import Connection
 from ._exceptions import CloseReason, ConnectError
 from ._transport import SocketTransport
+from ._util import format_address
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -57,7 +58,7 @@ async def _connect(
     server_hostname: str | None,
     connect_timeout: float,
 ) -> Connection:
-    where = f"{host}:{port}"
+    where = format_address((host, port))
     with trio.move_on_after(connect_timeout) as scope:
         try:
             stream = await trio.open_tcp_stream(host, port)
