@@ -177,6 +177,7 @@ async def serve(
     if implementation == "trionet":
         async with trionet.open_tcp_server(
             trionet_echo,
+            host="127.0.0.1",
             framing=framing_for(mode),
             grace_period=0,
             **trionet_options,
@@ -192,21 +193,30 @@ async def serve(
             await control_loop(table)
         return
     bare = BareServer(mode)
+
+    async def bare_stats(args: list[str]) -> dict[str, Any]:
+        return {"open": len(bare.streams)}
+
+    table = {"stats": bare_stats}
+    if commands is not None:
+        table.update(commands(bare))
+    await serve_bare_tcp(bare.handle, table)
+
+
+async def serve_bare_tcp(
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    commands: dict[str, Command],
+) -> None:
+    """Serve ``handle`` with ``trio.serve_tcp`` on 127.0.0.1, print the port,
+    answer ``commands`` until stdin ends, then cancel every handler."""
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             functools.partial(
-                trio.serve_tcp, bare.handle, 0, host="127.0.0.1", backlog=BACKLOG
+                trio.serve_tcp, handle, 0, host="127.0.0.1", backlog=BACKLOG
             )
         )
-
-        async def bare_stats(args: list[str]) -> dict[str, Any]:
-            return {"open": len(bare.streams)}
-
-        table = {"stats": bare_stats}
-        if commands is not None:
-            table.update(commands(bare))
         say(port=listeners[0].socket.getsockname()[1])
-        await control_loop(table)
+        await control_loop(commands)
         nursery.cancel_scope.cancel()
 
 
