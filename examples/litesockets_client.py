@@ -73,7 +73,9 @@ async def web_server(conn: trionet.Connection) -> None:
 
 
 async def main(selftest: bool) -> None:
-    async with trionet.open_tcp_server(web_server, framing=HTTP_LINES) as server:
+    async with trionet.open_tcp_server(
+        web_server, framing=HTTP_LINES, host="127.0.0.1"
+    ) as server:
         host, port = "127.0.0.1", server.port
         print(f"web server on {host}:{port}")
 

@@ -61,7 +61,9 @@ async def telnet(port: int, received: dict[int, bytes], index: int) -> None:
 
 async def main(selftest: bool) -> None:
     received: dict[int, bytes] = {}
-    async with trionet.open_tcp_server(hello, on_connect=new_connection) as server:
+    async with trionet.open_tcp_server(
+        hello, on_connect=new_connection, host="127.0.0.1"
+    ) as server:
         print(f"hello server on 127.0.0.1:{server.port}")
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:

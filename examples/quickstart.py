@@ -21,7 +21,7 @@ async def echo(conn: trionet.Connection) -> None:
 
 async def main(selftest: bool) -> None:
     lines = trionet.Lines()
-    async with trionet.open_tcp_server(echo, framing=lines) as server:
+    async with trionet.open_tcp_server(echo, framing=lines, host="127.0.0.1") as server:
         print(f"server listening on 127.0.0.1:{server.port}")
         async with trionet.connect_tcp("127.0.0.1", server.port, framing=lines) as conn:
             for text in ["hello", "trionet", "goodbye"]:

@@ -223,7 +223,10 @@ async def main(selftest: bool) -> None:
     line_server = LineServer()
     client: dict[str, CloseReason | None] = {}
     async with trionet.open_tcp_server(
-        line_server.handle, framing=LINES, on_close=line_server.on_close
+        line_server.handle,
+        framing=LINES,
+        on_close=line_server.on_close,
+        host="127.0.0.1",
     ) as server:
         port = server.port
         print(f"line server on 127.0.0.1:{port}")

@@ -71,6 +71,7 @@ async def serve(policy: str, bound: int) -> None:
     async with (
         trionet.channels.open_channel_server(
             handler,
+            host="127.0.0.1",
             policy=policy,  # type: ignore[arg-type]  # checked by the server
             max_buffered_bytes=bound,
             grace_period=0,
