@@ -149,19 +149,17 @@ class TinyprotoConnection:
     each reads the other's size as its answer, and the connection fails with
     a :class:`~trionet.ProtocolError` or refuses a message it should not.
 
-    State of a receive:
+    States of a receive -- what the next :meth:`receive` does in each, and
+    what cancelling it there leaves:
 
-    ===============  ============================================  ==========
-    state            what the next :meth:`receive` does            on cancel
-    ===============  ============================================  ==========
-    idle             peeks at the 4-byte size; too large: answers  nothing
-                     ``00``, closes with PROTOCOL_ERROR, raises    consumed
-                     :class:`~trionet.FrameTooLarge`; else takes
-                     the size, then "size taken"
-    size taken       answers ``ff``, then "accepted"               stays
-    accepted         receives exactly ``size`` bytes, returns       stays,
-                     them, then "idle"                             bytes kept
-    ===============  ============================================  ==========
+    * **idle**: peeks at the 4-byte size.  Over ``max_size``: answers
+      ``00``, closes the connection with PROTOCOL_ERROR and raises
+      :class:`~trionet.FrameTooLarge`.  Otherwise takes the size: **size
+      taken**.  Cancelled: nothing consumed.
+    * **size taken**: answers ``ff``: **accepted**.  Cancelled: still
+      **size taken**.
+    * **accepted**: receives exactly ``size`` bytes and returns them:
+      **idle**.  Cancelled: still **accepted**, with the bytes that arrived.
 
     .. versionadded:: 0.1
     """
