@@ -11,6 +11,7 @@ TRIONET_REQUIRE_SEEDS a missing one fails instead).
 from __future__ import annotations
 
 import hashlib
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import trionet
 from trionet import CloseReason, ConnectionClosed
 from trionet.compat import tinyproto
 
-from .interop.support import TINYPROTO_201, need, open_peer, open_proxy
+from .interop.support import TINYPROTO_201, Peer, need, open_peer, open_proxy
 
 VERSIONS = ["2.0.1", "3.0"]
 BIG = 5 * 1024 * 1024 + 7
@@ -38,6 +39,24 @@ def size(n: int) -> bytes:
 
 def pythonpath(version: str) -> Path | None:
     return TINYPROTO_201 if version == "2.0.1" else None
+
+
+def old_client(version: str, port: int) -> AbstractAsyncContextManager[Peer]:
+    """A real tinyproto client process, to connect to 127.0.0.1:``port``."""
+    return open_peer(
+        "tinyproto_peer.py",
+        "client",
+        "127.0.0.1",
+        str(port),
+        pythonpath=pythonpath(version),
+    )
+
+
+def old_server(version: str, *limit: str) -> AbstractAsyncContextManager[Peer]:
+    """A real tinyproto echo server process (``limit``: its connection limit)."""
+    return open_peer(
+        "tinyproto_peer.py", "server", *limit, pythonpath=pythonpath(version)
+    )
 
 
 def summary(exchange: list[tuple[str, bytes]]) -> list[tuple[str, object]]:
@@ -100,13 +119,7 @@ async def test_old_client_gets_the_readme_scenario(version: str) -> None:
             echo.handle, host="127.0.0.1", grace_period=0, on_close=echo.on_close
         ) as server:
             async with open_proxy(server.port) as proxy:
-                async with open_peer(
-                    "tinyproto_peer.py",
-                    "client",
-                    "127.0.0.1",
-                    str(proxy.port),
-                    pythonpath=pythonpath(version),
-                ) as peer:
+                async with old_client(version, proxy.port) as peer:
                     assert (await peer.ask(cmd="connect"))["handshake"]
                     await peer.ask(cmd="transmit", conn=0, text="hello")
                     reply = await peer.ask(cmd="reply", conn=0)
@@ -156,9 +169,7 @@ async def test_old_client_gets_the_readme_scenario(version: str) -> None:
 async def test_trionet_client_gets_the_readme_scenario(version: str) -> None:
     need(f"tinyproto {version}")
     with trio.fail_after(120):
-        async with open_peer(
-            "tinyproto_peer.py", "server", pythonpath=pythonpath(version)
-        ) as peer:
+        async with old_server(version) as peer:
             started = await peer.receive()
             assert started["v3"] == (version == "3.0")
             async with open_proxy(started["port"]) as proxy:
@@ -214,13 +225,7 @@ async def test_old_client_over_max_connections_gets_the_limit_reply(
             EchoServer().handle, host="127.0.0.1", max_connections=1
         ) as server:
             async with open_proxy(server.port) as proxy:
-                async with open_peer(
-                    "tinyproto_peer.py",
-                    "client",
-                    "127.0.0.1",
-                    str(proxy.port),
-                    pythonpath=pythonpath(version),
-                ) as peer:
+                async with old_client(version, proxy.port) as peer:
                     assert (await peer.ask(cmd="connect"))["handshake"]
                     second = await peer.ask(cmd="connect")
                     assert not second["handshake"]
@@ -239,9 +244,7 @@ async def test_old_client_over_max_connections_gets_the_limit_reply(
 async def test_trionet_client_over_the_old_server_limit_is_rejected() -> None:
     need("tinyproto 2.0.1")  # 3.0's server crashes at its limit instead
     with trio.fail_after(60):
-        async with open_peer(
-            "tinyproto_peer.py", "server", "1", pythonpath=TINYPROTO_201
-        ) as peer:
+        async with old_server("2.0.1", "1") as peer:
             port = (await peer.receive())["port"]
             async with tinyproto.connect_tinyproto("127.0.0.1", port) as first:
                 with pytest.raises(trionet.ConnectError) as info:
@@ -263,13 +266,7 @@ async def test_old_client_over_max_size_is_refused_with_00(version: str) -> None
             on_close=lambda conn: closed.append(conn.close_reason),
         ) as server:
             async with open_proxy(server.port) as proxy:
-                async with open_peer(
-                    "tinyproto_peer.py",
-                    "client",
-                    "127.0.0.1",
-                    str(proxy.port),
-                    pythonpath=pythonpath(version),
-                ) as peer:
+                async with old_client(version, proxy.port) as peer:
                     assert (await peer.ask(cmd="connect"))["handshake"]
                     # max_size is inclusive: 20 bytes pass...
                     await peer.ask(cmd="transmit", conn=0, big=20)
@@ -288,9 +285,7 @@ async def test_old_server_refuses_sizes_over_the_protocol_limit() -> None:
     # What the refusal looks like from a real tinyproto receiver, byte for byte.
     need("tinyproto 2.0.1")
     with trio.fail_after(60):
-        async with open_peer(
-            "tinyproto_peer.py", "server", pythonpath=TINYPROTO_201
-        ) as peer:
+        async with old_server("2.0.1") as peer:
             port = (await peer.receive())["port"]
             async with trionet.connect_tcp("127.0.0.1", port) as raw:
                 await raw.send_all(OK)

@@ -7,40 +7,24 @@ The host listens on 127.0.0.1 only (socket.engine's own ``open()`` binds
 every interface, so the socket is made here the way ``open()`` makes it).
 socket.engine has no events to wait on, so the ``wait_*`` commands poll its
 state until it matches or WAIT seconds have passed, and answer either way.
-The process ends with os._exit: socket.engine's threads are not daemons.
+The process ends with os._exit (peerlib.run): socket.engine's threads are
+not daemons.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import threading
 import time
-import traceback
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import numpy as np
+from peerlib import commands, run, say, thread_errors
 from socketengine import client, host
 from socketengine.common import encodeImg, generateSocket
 
 WAIT = 20.0
 TIMEOUT = 0.2  # socket.engine's socket timeout: how often its threads look up
-thread_errors: list[str] = []
-
-
-def record_thread_error(args: threading.ExceptHookArgs) -> None:
-    thread_errors.append(f"{args.exc_type.__name__}: {args.exc_value}")
-
-
-threading.excepthook = record_thread_error
-
-
-def say(**answer: Any) -> None:
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
 
 
 def wait_for(get: Callable[[], Any], expect: Any) -> bool:
@@ -74,8 +58,7 @@ def run_host() -> None:
     h.opened = True
     h.start()
     say(port=h.socket.getsockname()[1])
-    for line in sys.stdin:
-        command = json.loads(line)
+    for command in commands():
         what = command["cmd"]
         if what == "wait_get_ALL":
             channel, expect = command["channel"], command["expect"]
@@ -101,8 +84,7 @@ def run_client(port: int) -> None:
     c = client(addr="127.0.0.1", port=port, timeout=TIMEOUT)
     c.start()
     say(connected=True)
-    for line in sys.stdin:
-        command = json.loads(line)
+    for command in commands():
         what = command["cmd"]
         if what == "write":
             c.write(command["channel"], command["data"])
@@ -127,18 +109,12 @@ def run_client(port: int) -> None:
             say(error=f"unknown command {what!r}")
 
 
-def main() -> None:
-    try:
-        if sys.argv[1] == "host":
-            run_host()
-        else:
-            run_client(int(sys.argv[2]))
-    except BaseException:
-        say(error=traceback.format_exc())
-    finally:
-        sys.stdout.flush()
-        os._exit(0)
+def main(argv: list[str]) -> None:
+    if argv[0] == "host":
+        run_host()
+    else:
+        run_client(int(argv[1]))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

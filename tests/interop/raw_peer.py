@@ -6,31 +6,19 @@
 
 Both libraries speak raw TCP, so trionet's plain servers and clients talk to
 them as they are; these peers are the other end of those tests.  Every wait
-is bounded (WAIT seconds); the process ends with os._exit, since the
-libraries' threads are not daemons.
+is bounded (WAIT seconds); the process ends with os._exit (peerlib.run),
+since the libraries' threads are not daemons.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import threading
 import time
-import traceback
 from typing import Any
 
+from peerlib import commands, run, say
+
 WAIT = 20.0
-
-
-def say(**answer: Any) -> None:
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
-
-
-def commands() -> Any:
-    for line in sys.stdin:
-        yield json.loads(line)
 
 
 def esockets_server() -> None:
@@ -122,21 +110,14 @@ def litesockets_client(port: int) -> None:
     executor.stop()
 
 
-def main() -> None:
-    try:
-        role = sys.argv[1]
-        if role == "esockets-server":
-            esockets_server()
-        elif role == "litesockets-server":
-            litesockets_server()
-        else:
-            litesockets_client(int(sys.argv[2]))
-    except BaseException:
-        say(error=traceback.format_exc())
-    finally:
-        sys.stdout.flush()
-        os._exit(0)
+def main(argv: list[str]) -> None:
+    if argv[0] == "esockets-server":
+        esockets_server()
+    elif argv[0] == "litesockets-server":
+        litesockets_server()
+    else:
+        litesockets_client(int(argv[1]))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,38 +10,23 @@ no longer matches the library (``active_connections`` is a dict).
     python tinyproto_peer.py client HOST PORT
     python tinyproto_peer.py server [LIMIT]
 
-Every wait here is bounded (WAIT seconds); the process ends with os._exit, so
-that tinyproto's threads (not daemons in 2.0.1) cannot keep it alive.
+Every wait here is bounded (WAIT seconds); the process ends with os._exit
+(peerlib.run), so that tinyproto's threads (not daemons in 2.0.1) cannot
+keep it alive.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import queue
-import sys
 import threading
-import traceback
 from typing import Any
 
 import tinyproto
+from peerlib import commands, run, say, thread_errors
 
 WAIT = 20.0
 V3 = not hasattr(tinyproto.TinyProtoServer, "add_addr")
-thread_errors: list[str] = []
-
-
-def record_thread_error(args: threading.ExceptHookArgs) -> None:
-    thread_errors.append(f"{args.exc_type.__name__}: {args.exc_value}")
-
-
-threading.excepthook = record_thread_error
-
-
-def say(**answer: Any) -> None:
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
 
 
 def payload(spec: dict[str, Any]) -> bytes:
@@ -96,8 +81,7 @@ def thread_of(conn: Any) -> threading.Thread:
 
 def run_client(host: str, port: int) -> None:
     connections: list[Any] = []
-    for line in sys.stdin:
-        command = json.loads(line)
+    for command in commands():
         what = command["cmd"]
         conn = connections[command["conn"]] if "conn" in command else None
         if what == "connect":
@@ -199,8 +183,7 @@ def run_server(limit: int | None) -> None:
     server = make_server(limit, events)
     thread = threading.Thread(target=server.start, daemon=True)
     thread.start()
-    for line in sys.stdin:
-        command = json.loads(line)
+    for command in commands():
         if command["cmd"] == "wait_stopped":
             thread.join(WAIT)
             say(stopped=not thread.is_alive(), events=events, errors=thread_errors)
@@ -210,18 +193,12 @@ def run_server(limit: int | None) -> None:
             break
 
 
-def main() -> None:
-    try:
-        if sys.argv[1] == "client":
-            run_client(sys.argv[2], int(sys.argv[3]))
-        else:
-            run_server(int(sys.argv[2]) if len(sys.argv) > 2 else None)
-    except BaseException:
-        say(error=traceback.format_exc())
-    finally:
-        sys.stdout.flush()
-        os._exit(0)
+def main(argv: list[str]) -> None:
+    if argv[0] == "client":
+        run_client(argv[1], int(argv[2]))
+    else:
+        run_server(int(argv[1]) if len(argv) > 1 else None)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,19 +11,26 @@ broadcasts are the TCP server's.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
 from .._codec import Framing
 from .._connection import Connection
-from .._exceptions import CloseReason, ConnectionClosed
+from .._exceptions import CloseReason, ConnectionClosed, IncompleteMessage
 from .._server import Server, _TransportOptionsDict, serve_tcp
 from .._transport import Address
+from .._util import format_address
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
+    "CompatConnection",
     "CompatServer",
+    "Connector",
     "TcpOptions",
     "abort",
     "close_after_flush",
@@ -31,8 +38,99 @@ __all__ = [
     "serve_over_tcp",
 ]
 
+_Message = TypeVar("_Message")
+_Conn = TypeVar("_Conn", bound="CompatConnection[Any]")
+
 #: The server options of :class:`trionet.ServerOptions` except ``framing``.
 TcpOptions = _TransportOptionsDict
+
+
+class CompatConnection(Generic[_Message]):
+    """The part of every compatibility connection that is the Connection's:
+    closing, its reason, and ``async for`` over :meth:`receive`."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        if not isinstance(conn, Connection):
+            raise TypeError(f"expected a trionet.Connection, not {conn!r}")
+        self._conn = conn
+
+    @property
+    def connection(self) -> Connection:
+        """The underlying :class:`~trionet.Connection` (for its addresses,
+        counters and timeouts)."""
+        return self._conn
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """Why the connection ended, or None while it is open."""
+        return self._conn.close_reason
+
+    def __repr__(self) -> str:
+        state = "open" if self.close_reason is None else self.close_reason.name
+        return (
+            f"<{type(self).__module__}.{type(self).__name__} "
+            f"{format_address(self._conn.remote_address)} {state}>"
+        )
+
+    async def receive(self) -> _Message:
+        raise NotImplementedError
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> _Message:
+        """The next message; iteration stops when the peer closes between
+        messages."""
+        try:
+            return await self.receive()
+        except ConnectionClosed as exc:
+            if exc.reason is CloseReason.CLOSED_BY_PEER and not isinstance(
+                exc, IncompleteMessage
+            ):
+                raise StopAsyncIteration from None
+            raise
+
+    async def aclose(self) -> None:
+        """Close the connection (see :meth:`trionet.Connection.aclose`)."""
+        await self._conn.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Connector(Generic[_Conn]):
+    """What ``connect_*`` returns: await it, or use it with ``async with``
+    (as :func:`trionet.connect_tcp`); no background task either way."""
+
+    def __init__(self, connect: Callable[[], Awaitable[_Conn]]) -> None:
+        self._connect = connect
+        self._conn: _Conn | None = None
+
+    def __await__(self) -> Generator[Any, None, _Conn]:
+        return self._connect().__await__()
+
+    async def __aenter__(self) -> _Conn:
+        self._conn = await self._connect()
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._conn is not None
+        await self._conn.aclose()
 
 
 class CompatServer:

@@ -53,9 +53,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
@@ -66,15 +66,20 @@ from .._codec import Lines
 from .._connection import Connection
 from .._exceptions import (
     CloseReason,
-    ConnectionClosed,
-    IncompleteMessage,
     ProtocolError,
 )
-from .._util import format_address, server_in_block
-from ._common import CompatServer, TcpOptions, abort, serve_over_tcp
+from .._util import server_in_block
+from ._common import (
+    CompatConnection,
+    CompatServer,
+    Connector,
+    TcpOptions,
+    abort,
+    serve_over_tcp,
+)
 
 if TYPE_CHECKING:
-    from typing_extensions import Self, Unpack
+    from typing_extensions import Unpack
 
 __all__ = [
     "ACK",
@@ -161,7 +166,7 @@ class _Settings:
         return Lines(max_length=self.max_length)
 
 
-class EngineConnection:
+class EngineConnection(CompatConnection[tuple[str, Any]]):
     """One socket.engine connection: JSON values on named channels.
 
     A server hands one to its handler; :func:`connect_engine` gives one to a
@@ -177,29 +182,17 @@ class EngineConnection:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_conn", "_ignored", "_latest", "_settings", "_stored")
+    __slots__ = ("_ignored", "_latest", "_settings", "_stored")
 
     def __init__(self, conn: Connection, settings: _Settings) -> None:
         # (Not public: use handle(), serve_engine() or connect_engine().)
-        if not isinstance(conn, Connection):
-            raise TypeError(f"expected a trionet.Connection, not {conn!r}")
+        super().__init__(conn)
         conn.framing = settings.framing
-        self._conn = conn
         self._settings = settings
         # channel -> (latest value, what it costs toward max_stored)
         self._latest: dict[str, tuple[Any, int]] = {}
         self._stored = 0
         self._ignored = 0
-
-    @property
-    def connection(self) -> Connection:
-        """The underlying :class:`~trionet.Connection`."""
-        return self._conn
-
-    @property
-    def close_reason(self) -> CloseReason | None:
-        """Why the connection ended, or None while it is open."""
-        return self._conn.close_reason
 
     @property
     def ignored(self) -> int:
@@ -210,13 +203,6 @@ class EngineConnection:
     def channels(self) -> list[str]:
         """Every channel a value arrived on, in order of first arrival."""
         return list(self._latest)
-
-    def __repr__(self) -> str:
-        state = "open" if self.close_reason is None else self.close_reason.name
-        return (
-            f"<trionet.compat.socketengine.EngineConnection "
-            f"{format_address(self._conn.remote_address)} {state}>"
-        )
 
     def get(self, channel: str) -> Any:
         """The latest value received on ``channel``, or None if none was.
@@ -279,36 +265,6 @@ class EngineConnection:
             )
         self._latest[channel] = (value, cost)
         self._stored = stored
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> tuple[str, Any]:
-        """The next message; iteration stops when the peer closes between
-        lines."""
-        try:
-            return await self.receive()
-        except ConnectionClosed as exc:
-            if exc.reason is CloseReason.CLOSED_BY_PEER and not isinstance(
-                exc, IncompleteMessage
-            ):
-                raise StopAsyncIteration from None
-            raise
-
-    async def aclose(self) -> None:
-        """Close the connection (see :meth:`trionet.Connection.aclose`)."""
-        await self._conn.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class EngineGroup:
@@ -536,7 +492,7 @@ async def _connect(
     return EngineConnection(conn, settings)
 
 
-class connect_engine:
+class connect_engine(Connector[EngineConnection]):
     """Connect to a socket.engine host; use with ``async with`` or ``await``.
 
     ::
@@ -573,21 +529,4 @@ class connect_engine:
         connect_timeout: float = 10.0,
     ) -> None:
         settings = _Settings(max_length=max_length, max_stored=max_stored)
-        self._args = (host, port, settings, connect_timeout)
-        self._conn: EngineConnection | None = None
-
-    def __await__(self) -> Generator[Any, None, EngineConnection]:
-        return _connect(*self._args).__await__()
-
-    async def __aenter__(self) -> EngineConnection:
-        self._conn = await _connect(*self._args)
-        return self._conn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        assert self._conn is not None
-        await self._conn.aclose()
+        super().__init__(partial(_connect, host, port, settings, connect_timeout))

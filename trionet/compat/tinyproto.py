@@ -44,10 +44,10 @@ stopped.  A transmit cancelled after its size went out cannot be resumed
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from functools import partial
+from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
 import trio
@@ -58,16 +58,16 @@ from .._connection import Connection
 from .._exceptions import (
     CloseReason,
     ConnectError,
-    ConnectionClosed,
     FrameTooLarge,
-    IncompleteMessage,
     MessageTooLarge,
     ProtocolError,
 )
 from .._options import positive_or_none
 from .._util import format_address, server_in_block
 from ._common import (
+    CompatConnection,
     CompatServer,
+    Connector,
     TcpOptions,
     abort,
     close_after_flush,
@@ -76,7 +76,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from typing_extensions import Self, Unpack
+    from typing_extensions import Unpack
 
 __all__ = [
     "DEFAULT_ACK_TIMEOUT",
@@ -134,7 +134,7 @@ def _size_header(size: int) -> bytes:
     return size.to_bytes(4, "big")
 
 
-class TinyprotoConnection:
+class TinyprotoConnection(CompatConnection[bytes]):
     """One tinyproto connection, its handshake done.
 
     A server hands one to its handler; :func:`connect_tinyproto` gives one to
@@ -164,15 +164,13 @@ class TinyprotoConnection:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_accepted", "_conn", "_lock", "_settings", "_size")
+    __slots__ = ("_accepted", "_lock", "_settings", "_size")
 
     def __init__(self, conn: Connection, settings: _Settings) -> None:
         # (Not public: a connection is only a tinyproto connection once the
         # handshake is done; handle() and connect_tinyproto() do it.)
-        if not isinstance(conn, Connection):
-            raise TypeError(f"expected a trionet.Connection, not {conn!r}")
+        super().__init__(conn)
         conn.framing = None
-        self._conn = conn
         self._settings = settings
         self._lock = trio.Lock()
         # The size of the message being received, once its header is taken.
@@ -181,27 +179,9 @@ class TinyprotoConnection:
         self._accepted = False
 
     @property
-    def connection(self) -> Connection:
-        """The underlying :class:`~trionet.Connection` (for its addresses,
-        counters and timeouts)."""
-        return self._conn
-
-    @property
-    def close_reason(self) -> CloseReason | None:
-        """Why the connection ended, or None while it is open."""
-        return self._conn.close_reason
-
-    @property
     def max_size(self) -> int:
         """The largest message this side accepts, in bytes (inclusive)."""
         return self._settings.max_size
-
-    def __repr__(self) -> str:
-        state = "open" if self.close_reason is None else self.close_reason.name
-        return (
-            f"<trionet.compat.tinyproto.TinyprotoConnection "
-            f"{format_address(self._conn.remote_address)} {state}>"
-        )
 
     # ---------------------------------------------------------------- sending
 
@@ -292,38 +272,6 @@ class TinyprotoConnection:
             f"the peer announced a message of {size} bytes; max_size is {limit} "
             "(answered 00)"
         )
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> bytes:
-        """The next message; iteration stops when the peer closes between
-        messages."""
-        try:
-            return await self.receive()
-        except ConnectionClosed as exc:
-            if exc.reason is CloseReason.CLOSED_BY_PEER and not isinstance(
-                exc, IncompleteMessage
-            ):
-                raise StopAsyncIteration from None
-            raise
-
-    # ---------------------------------------------------------------- closing
-
-    async def aclose(self) -> None:
-        """Close the connection (see :meth:`trionet.Connection.aclose`)."""
-        await self._conn.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 async def _handshake(conn: Connection, within: float | None) -> bytes:
@@ -584,7 +532,7 @@ async def _connect(
     )
 
 
-class connect_tinyproto:
+class connect_tinyproto(Connector[TinyprotoConnection]):
     """Connect to a tinyproto server; use with ``async with`` or ``await``.
 
     ::
@@ -626,21 +574,4 @@ class connect_tinyproto:
         connect_timeout: float = 10.0,
     ) -> None:
         settings = _Settings(max_size=max_size, ack_timeout=ack_timeout)
-        self._args = (host, port, settings, connect_timeout)
-        self._conn: TinyprotoConnection | None = None
-
-    def __await__(self) -> Generator[Any, None, TinyprotoConnection]:
-        return _connect(*self._args).__await__()
-
-    async def __aenter__(self) -> TinyprotoConnection:
-        self._conn = await _connect(*self._args)
-        return self._conn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        assert self._conn is not None
-        await self._conn.aclose()
+        super().__init__(partial(_connect, host, port, settings, connect_timeout))
