@@ -8,6 +8,7 @@ chunks, get / get_ALL / write_ALL, ``__ack``, limits and slow clients.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -421,3 +422,45 @@ def test_settings_are_validated() -> None:
         socketengine.connect_engine("h", 1, max_stored=0)
     with pytest.raises(ValueError, match="max_length"):
         EngineGroup(max_length=10)
+
+
+FILL = 2000
+
+
+async def test_a_receive_cancelled_while_answering_an_image_loses_nothing() -> None:
+    # The __ack waits behind a full outgoing queue (the peer reads nothing);
+    # the receive is cancelled there.  The image, already taken from the
+    # stream, comes out of the next receive, which sends the __ack.
+    async with connection_pair(queued=True, lockstep=True) as (raw, side):
+        conn = EngineConnection(side, socketengine._Settings())
+        scope = trio.CancelScope()
+        got: list[tuple[str, Any]] = []
+
+        async def fill() -> None:
+            with contextlib.suppress(trionet.ConnectionClosed):
+                for _ in range(FILL):  # far more than the queue holds
+                    await side.send(b"{}")
+
+        async def receive_once() -> None:
+            with scope:
+                got.append(await conn.receive())
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fill)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(receive_once)
+                await raw.send_all(b'{"type": "__image", "data": "pic"}\n')
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []  # waiting to send the __ack
+                scope.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []
+                nursery.start_soon(partial(_collect, conn, got))
+                lines = [await raw.receive_line() for _ in range(FILL + 1)]
+        assert got == [("__image", "pic")]
+        assert lines.count(ACK_LINE[:-1]) == 1
+
+
+async def _collect(conn: EngineConnection, got: list[tuple[str, Any]]) -> None:
+    got.append(await conn.receive())

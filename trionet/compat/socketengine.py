@@ -51,6 +51,7 @@ task.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -64,10 +65,7 @@ import trio
 from .._client import connect_tcp
 from .._codec import Lines
 from .._connection import Connection
-from .._exceptions import (
-    CloseReason,
-    ProtocolError,
-)
+from .._exceptions import CloseReason, ConnectionClosed, ProtocolError
 from .._util import server_in_block
 from ._common import (
     CompatConnection,
@@ -182,7 +180,7 @@ class EngineConnection(CompatConnection[tuple[str, Any]]):
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_ignored", "_latest", "_settings", "_stored")
+    __slots__ = ("_ignored", "_latest", "_settings", "_stored", "_unanswered")
 
     def __init__(self, conn: Connection, settings: _Settings) -> None:
         # (Not public: use handle(), serve_engine() or connect_engine().)
@@ -193,6 +191,9 @@ class EngineConnection(CompatConnection[tuple[str, Any]]):
         self._latest: dict[str, tuple[Any, int]] = {}
         self._stored = 0
         self._ignored = 0
+        # An image taken from the stream whose __ack was not sent yet (the
+        # send was cancelled): the next receive answers and returns it.
+        self._unanswered: tuple[str, Any] | None = None
 
     @property
     def ignored(self) -> int:
@@ -230,7 +231,8 @@ class EngineConnection(CompatConnection[tuple[str, Any]]):
 
         Lines that are not socket.engine messages are skipped and counted
         in :attr:`ignored`.  An ``"__image"`` is answered with ``"__ack"``
-        before it is returned.
+        before it is returned.  A cancelled receive loses nothing: if it is
+        cancelled while answering an image, the next one returns that image.
 
         Raises:
             ProtocolError: a line was longer than ``max_length``, or the
@@ -239,6 +241,8 @@ class EngineConnection(CompatConnection[tuple[str, Any]]):
             IncompleteMessage: the stream ended inside a line.
             ConnectionClosed: the stream ended, or the connection is closed.
         """
+        if self._unanswered is not None:
+            return await self._answer(self._unanswered)
         conn = self._conn
         while True:
             line = await conn.receive()
@@ -247,11 +251,21 @@ class EngineConnection(CompatConnection[tuple[str, Any]]):
                 self._ignored += 1
                 logger.debug("%r: skipped a line that is not a message", self)
                 continue
-            channel, value = message
-            self._keep(channel, value, len(line))
-            if channel == IMAGE:
-                await conn.send(_ACK_LINE)
-            return channel, value
+            self._keep(*message, len(line))
+            if message[0] == IMAGE:
+                return await self._answer(message)
+            return message
+
+    async def _answer(self, image: tuple[str, Any]) -> tuple[str, Any]:
+        # The image is out of the stream already: until its __ack is sent,
+        # keep it for the next receive, so that a cancellation here loses
+        # nothing.  A peer that is gone gets no answer, but the image it
+        # sent is still delivered; the next receive reports the end.
+        self._unanswered = image
+        with contextlib.suppress(ConnectionClosed):
+            await self._conn.send(_ACK_LINE)
+        self._unanswered = None
+        return image
 
     def _keep(self, channel: str, value: Any, size: int) -> None:
         cost = size + _ENTRY_COST
