@@ -286,7 +286,10 @@ class EngineGroup:
 
     :func:`serve_engine` makes one for its clients (an :class:`EngineServer`).
     Make one yourself to serve socket.engine clients on a port that speaks
-    other protocols too, and pass it to :func:`handle`.
+    other protocols too, and pass it to :func:`handle` with each connection
+    a server hands to its handler (:meth:`write_ALL` queues on them the way
+    :meth:`trionet.Server.broadcast` does, which only a server's
+    connections can).
 
     Args:
         max_length: the longest line :meth:`write_ALL` sends, in bytes.
