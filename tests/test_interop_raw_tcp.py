@@ -9,6 +9,7 @@ installed (``.ci/run`` installs both).
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 import trionet
@@ -17,8 +18,17 @@ from trionet import CloseReason
 from .interop.support import need, open_peer
 
 
-async def test_trionet_client_against_the_esockets_echo_server() -> None:
+@pytest.fixture
+def esockets() -> None:
     need("esockets 3.0.7")
+
+
+@pytest.fixture
+def litesockets() -> None:
+    need("litesockets 0.7.1")
+
+
+async def test_trionet_client_against_the_esockets_echo_server(esockets: None) -> None:
     with trio.fail_after(60):
         async with open_peer("raw_peer.py", "esockets-server") as peer:
             port = (await peer.receive())["port"]
@@ -40,8 +50,7 @@ async def test_trionet_client_against_the_esockets_echo_server() -> None:
                 assert refused.close_reason is CloseReason.CLOSED_BY_PEER
 
 
-async def test_litesockets_client_against_a_trionet_server() -> None:
-    need("litesockets 0.7.1")
+async def test_litesockets_client_against_a_trionet_server(litesockets: None) -> None:
 
     async def answer(conn: trionet.Connection) -> None:
         async for line in conn:
@@ -61,8 +70,9 @@ async def test_litesockets_client_against_a_trionet_server() -> None:
                 assert reply["received"] == expected
 
 
-async def test_trionet_client_against_the_litesockets_hello_server() -> None:
-    need("litesockets 0.7.1")
+async def test_trionet_client_against_the_litesockets_hello_server(
+    litesockets: None,
+) -> None:
     with trio.fail_after(60):
         async with open_peer("raw_peer.py", "litesockets-server") as peer:
             port = (await peer.receive())["port"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import trio
 
 from trionet.compat import socketengine
@@ -26,13 +27,17 @@ ACK_LINE = b'{"type": "__ack", "data": "__ack"}\n'
 ACCENTS = "é" * 300 + " ✓"
 
 
+@pytest.fixture(autouse=True)
+def socket_engine() -> None:
+    need("socket.engine 1.0.0")
+
+
 def line(channel: str, value: object) -> bytes:
     """A message exactly as socket.engine writes it."""
     return (json.dumps({"type": channel, "data": value}) + "\n").encode()
 
 
 async def test_old_clients_get_replies_write_all_and_images() -> None:
-    need("socket.engine 1.0.0")
     reports_in, reports = trio.open_memory_channel[tuple[str, Any]](16)
     connections: list[EngineConnection] = []
 
@@ -125,7 +130,6 @@ async def test_old_clients_get_replies_write_all_and_images() -> None:
 
 
 async def test_trionet_client_against_the_real_host() -> None:
-    need("socket.engine 1.0.0")
     with trio.fail_after(120):
         async with open_peer("engine_peer.py", "host") as host:
             port = (await host.receive())["port"]
