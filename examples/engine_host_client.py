@@ -8,6 +8,12 @@ server writes to all clients at once, a status line on ``"status"`` and a
 picture on ``"image"``; each client reads the most recent status and the
 picture, and sends a picture of its own back.  Everything runs over loopback.
 
+trionet.channels is for fleets that move to trionet on both ends: its wire
+format (length-prefixed binary frames) is not socket.engine's (one JSON
+object per line), and a socket.engine peer cannot talk to it.  For deployed
+socket.engine peers use ``trionet.compat.socketengine``, which speaks their
+format (``examples/mixed_fleet.py``).
+
 Run it with ``python examples/engine_host_client.py``; it ends by itself.
 With ``--selftest`` it also checks every result and exits non-zero if one is
 wrong.
@@ -18,8 +24,13 @@ host(); host.start()        open_channel_server(handler) / serve_channels
 client(); client.start()    connect_channels(host, port)
 client.write(ch, data)      await cc.publish(ch, data)
 client.writeImg(data)       await cc.publish("image", data)
-client.get(ch)              cc.latest(ch)
-host.get_ALL(ch)            cc.drain(ch) (each client has its own cc)
+client.get(ch)              cc.latest(ch), with policy="latest" (else a
+                            channel nobody reads fills, reading stops and
+                            latest() goes stale)
+host.get_ALL(ch)            [cc.latest(ch) for cc in server.clients]: the
+                            latest value of each client, taking nothing
+                            (this script takes each client's messages with
+                            receive / drain instead)
 host.write_ALL(ch, data)    await server.publish(ch, data)
 host.writeImg_ALL(data)     await server.publish("image", data)
 host.getClients()           server.clients
@@ -59,8 +70,10 @@ async def main(selftest: bool) -> None:
     everyone_greeted = trio.Event()
 
     async def server_handler(cc: trionet.channels.ChannelConnection) -> None:
-        # One task per client.  get_ALL("test"): wait for the first message,
-        # then take everything else received on "test" so far.
+        # One task per client: wait for its first message on "test", then
+        # take everything else it sent there so far.  (socket.engine's
+        # get_ALL is something else: each client's latest value, taking
+        # nothing -- cc.latest("test") across server.clients.)
         first = await cc.receive("test")
         number = int(first.split(b" ")[1])
         said[number] = [first, *cc.drain("test")]
@@ -80,7 +93,9 @@ async def main(selftest: bool) -> None:
             await cc.publish("test", f"client {number} wants pictures")
             await cc.publish("image", picture(number + 1))
             # The server's picture arrives after its status line, so by then
-            # latest("status") holds it: socket.engine's client.get().
+            # latest("status") holds it (socket.engine's client.get(); here
+            # the status channel is never read, but only one message
+            # arrives on it, so its buffer cannot fill).
             image = await cc.receive("image")
             status = cc.latest("status")
             print(
@@ -91,7 +106,9 @@ async def main(selftest: bool) -> None:
             await cc.publish("test", f"client {number} got {len(image)} bytes")
 
     results: dict[int, object] = {}
-    async with trionet.channels.open_channel_server(server_handler) as server:
+    async with trionet.channels.open_channel_server(
+        server_handler, host="127.0.0.1"
+    ) as server:
         print(f"server listening on 127.0.0.1:{server.port}")
         async with trio.open_nursery() as nursery:
             for number in range(CLIENTS):

@@ -12,9 +12,13 @@ command ends a client's session.  Here:
 * ``/quit`` makes the server answer ``* bye`` and end that client's
   connection; the others get ``* <name> left``.
 
-Messages are length-prefixed frames (tinyproto's format), so they may hold
-any bytes, newlines included.  Three clients -- alice, bob and carol -- talk
-over 127.0.0.1 in a fixed order, and each prints what it received.
+Messages are length-prefixed frames (``trionet.Frames()``), so they may hold
+any bytes, newlines included.  That is trionet's framing, not tinyproto's
+wire format (tinyproto adds a handshake and an answer byte before each
+body): the clients here are trionet clients.  Deployed tinyproto clients
+need ``trionet.compat.tinyproto`` (``examples/tinyproto_compat_echo.py``).
+Three clients -- alice, bob and carol -- talk over 127.0.0.1 in a fixed
+order, and each prints what it received.
 
 Run it with ``python examples/tinyproto_chat.py``; it ends by itself.  With
 ``--selftest`` it also checks every client's transcript and exits non-zero

@@ -1,20 +1,26 @@
-"""A length-prefixed echo server with QUIT and SRVQUIT (tinyproto's example).
+"""tinyproto's echo example, moved to trionet's own framing (both ends trionet).
 
-tinyproto sends every transmission as a 4-byte size, then the message (up to
-almost 4 GB).  Its README's example is an echo server: it answers each
-message with ``"Echo back: <msg>"``; ``QUIT`` ends that client's connection
-and ``SRVQUIT`` shuts the whole server down along with all its clients.  The
+tinyproto's README example is an echo server: it answers each message with
+``"Echo back: <msg>"``; ``QUIT`` ends that client's connection and
+``SRVQUIT`` shuts the whole server down along with all its clients.  The
 server prints a line when a connection opens and when it closes, and listens
 on several addresses (``add_addr``).
 
-trionet's ``Frames()`` is the same wire format: a 4-byte big-endian length,
-then the payload.  This script runs the echo server on 127.0.0.1 and, where
-the system has IPv6, on ::1 too (one port for both), then
+This version is for a fleet whose clients move to trionet too: it uses
+trionet's ``Frames()`` -- a 4-byte big-endian length, then the payload --
+which is *not* tinyproto's wire format.  tinyproto adds a handshake (one
+``ff`` each way on connect) and a one-byte answer from the receiver between
+each size and its body; a tinyproto client cannot talk to this server.  For
+deployed tinyproto clients, serve the same handler with
+``trionet.compat.tinyproto`` (``examples/tinyproto_compat_echo.py``).
+
+The script runs the echo server on 127.0.0.1 and, where the system has IPv6,
+on ::1 too (one port for both), then
 
 1. a client over IPv4 sends two short messages and one of 24 MiB, and QUITs;
 2. a raw client sends a header announcing 3 GiB: the server refuses it at
-   the header, before any body arrives (tinyproto's receiver "OK" step, done
-   by the ``max_size`` limit);
+   the header, before any body arrives (the ``max_size`` limit), and closes
+   the connection -- where tinyproto's receiver would answer ``00``;
 3. a client stays connected doing nothing, and another (over IPv6 if there)
    sends SRVQUIT: the server shuts down; the idle client is closed with
    SHUTDOWN after the grace period.
@@ -23,7 +29,7 @@ Run it with ``python examples/tinyproto_framed_echo.py``; it ends by itself.
 With ``--selftest`` it also checks every result and exits non-zero if one is
 wrong.
 
-tinyproto                             trionet
+tinyproto                             trionet (Frames: not wire compatible)
 ------------------------------------  -----------------------------------------
 TinyProtoServer + add_addr(host, p)   open_tcp_server(handler, p, host=[...])
 set_conn_handler(EchoConnection)      the handler: one task per connection
@@ -50,8 +56,8 @@ import trionet
 
 CloseReason = trionet.CloseReason
 
-#: The server takes messages up to 64 MiB; tinyproto's 4 GB limit would be
-#: ``trionet.Frames(max_size=2**32 - 1)``.
+#: The server takes messages up to 64 MiB; tinyproto's limit of a little over
+#: 3.7 GiB would be ``trionet.Frames(max_size=0xF0FFFFFF)``.
 FRAMES = trionet.Frames(max_size=64 * 1024 * 1024)
 LARGE = 24 * 1024 * 1024
 

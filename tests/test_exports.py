@@ -74,3 +74,48 @@ def test_testing_exports_live_in_trionet_testing() -> None:
         obj = getattr(trionet.testing, name)
         assert obj.__module__ == "trionet.testing", name
         assert obj.__doc__, f"{name} has no docstring"
+
+
+COMPAT = {
+    "tinyproto": {
+        "DEFAULT_ACK_TIMEOUT",
+        "DEFAULT_MAX_SIZE",
+        "LIMIT_REPLY",
+        "PROTOCOL_MAX_SIZE",
+        "TinyprotoConnection",
+        "TinyprotoServer",
+        "connect_tinyproto",
+        "handle",
+        "open_tinyproto_server",
+        "serve_tinyproto",
+    },
+    "socketengine": {
+        "ACK",
+        "DEFAULT_MAX_LENGTH",
+        "DEFAULT_MAX_STORED",
+        "IMAGE",
+        "EngineConnection",
+        "EngineGroup",
+        "EngineServer",
+        "connect_engine",
+        "decode",
+        "encode",
+        "handle",
+        "open_engine_server",
+        "serve_engine",
+    },
+}
+
+
+def test_compat_modules_export_exactly_their_api() -> None:
+    import trionet.compat
+
+    assert {"tinyproto", "socketengine"} <= set(vars(trionet.compat))
+    for name, expected in COMPAT.items():
+        module = getattr(trionet.compat, name)
+        assert set(module.__all__) == expected, name
+        for public in expected:
+            obj = getattr(module, public)
+            if callable(obj):
+                assert obj.__module__ == f"trionet.compat.{name}", public
+                assert obj.__doc__, f"{public} has no docstring"

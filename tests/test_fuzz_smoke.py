@@ -69,6 +69,10 @@ _LINE_CASES = [
     bytes([0, 6, 0, *[1] * 8, 0]) + b"hello\nworld\nx" * 3,
     # b"\r\n", max_length 3, batches: a line too long after a good one.
     bytes([1, 3, 5, *[2] * 8, 1]) + b"ok\r\ntoolongline\r\n",
+    # b"\n", max_length 100, one byte per chunk, one line at a time, strip_cr.
+    bytes([0, 6, 0, *[1] * 8, 2]) + b"dos\r\nunix\nmore\r\n",
+    # b"\n", max_length 3, batches, strip_cr: "abc\r" fits, "abcd" does not.
+    bytes([0, 3, 5, *[2] * 8, 3]) + b"abc\r\nab\nabcd\r\n",
 ]
 _FRAME_CASES = [
     # 4-byte headers, max_size 256, one byte per chunk, one frame at a time.

@@ -572,6 +572,32 @@ class Connection:
             lambda buffer: buffer.extract_exactly(n), exactly=n
         )
 
+    async def peek(self, n: int) -> bytes:
+        """Wait until ``n`` bytes are buffered and return them, consuming nothing.
+
+        The next receive, in any mode, still gets these bytes: use it to look
+        at the start of a stream before deciding how to read it (which
+        protocol a client speaks, say).  Up to ``n`` bytes are held in memory,
+        so keep ``n`` small.
+
+        Raises:
+            IncompleteMessage: the stream ended before ``n`` bytes arrived.
+                ``.partial`` is a copy of the bytes that did; unlike the
+                receive calls, ``peek`` leaves them buffered, so the next
+                receive gets them (``receive_some()`` returns them, a line
+                or frame receive raises :class:`IncompleteMessage` again).
+            ConnectionClosed: the connection is closed.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, not {n}")
+        try:
+            return await self._receive_message(lambda buffer: buffer.peek_exactly(n))
+        except IncompleteMessage as exc:
+            # The end-of-stream error took the partial bytes out of the
+            # buffer; a peek consumes nothing, so they go back.
+            self._receive_buffer.unread(exc.partial)
+            raise
+
     async def receive_frame(self) -> bytes:
         """Receive one length-prefixed frame's payload.
 
@@ -640,6 +666,10 @@ class Connection:
             return None
         message = framing.extract(buffer)
         if message is not None and buffer and self._batch_ok:
+            if isinstance(framing, Lines) and framing.strip_cr:
+                # No batch: _unready gives cut lines back re-encoded, and a
+                # line whose \r was removed would come back without it.
+                return message
             # Cut the rest of the chunk now.  Bad bytes among them stay in the
             # buffer, and the receive that reaches them raises.
             with contextlib.suppress(ProtocolError):

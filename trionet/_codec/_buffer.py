@@ -144,6 +144,19 @@ class ReceiveBuffer:
         """A copy of everything buffered (for error reports)."""
         return bytes(self._data)
 
+    def peek_exactly(self, n: int) -> bytes | None:
+        """A copy of the first ``n`` bytes, or None if fewer are buffered.
+
+        Removes nothing.
+        """
+        data = self._data
+        if len(data) < n:
+            return None
+        if n < _COPY_THROUGH_VIEW:
+            return bytes(data[:n])
+        with memoryview(data) as view:
+            return bytes(view[:n])
+
     def _take(self, start: int, stop: int, consumed: int) -> bytes:
         # Return data[start:stop] and drop the first ``consumed`` bytes.
         data = self._data

@@ -11,7 +11,7 @@ from typing import TypeAlias
 
 import attrs
 
-from .._exceptions import MessageTooLarge
+from .._exceptions import LineTooLong, MessageTooLarge
 from ._buffer import ReceiveBuffer
 
 __all__ = ["Frames", "Framing", "Lines", "as_bytes"]
@@ -44,9 +44,19 @@ class Lines:
     :class:`LineTooLong`, and the verdict is the same however the bytes were
     chunked.
 
+    With ``strip_cr=True`` one ``\\r`` right before the delimiter is part of
+    the line ending and is removed too, so ``Lines(strip_cr=True)`` reads
+    lines ended by ``\\n`` and by ``\\r\\n`` alike (as most line protocols
+    do).  That ``\\r`` does not count toward ``max_length``: the limit is on
+    what the line holds, whichever ending it had.  Sending is unchanged
+    (:meth:`encode` appends the delimiter alone).
+
     Args:
         delimiter: the bytes that end a line.
-        max_length: the longest line accepted, in bytes, without the delimiter.
+        max_length: the longest line accepted, in bytes, without the delimiter
+            (and without the removed ``\\r``).
+        strip_cr: also remove one ``\\r`` that comes right before the
+            delimiter.
 
     .. versionadded:: 0.1
     """
@@ -55,6 +65,9 @@ class Lines:
     max_length: int = attrs.field(
         default=65536,
         validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)],
+    )
+    strip_cr: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool)
     )
 
     def encode(self, data: bytes | bytearray | memoryview | str) -> bytes:
@@ -82,11 +95,61 @@ class Lines:
 
     def extract(self, buffer: ReceiveBuffer) -> bytes | None:
         """Remove one line from ``buffer``, or return None if none is complete."""
-        return buffer.extract_line(self.delimiter, self.max_length)
+        if not self.strip_cr:
+            return buffer.extract_line(self.delimiter, self.max_length)
+        # The buffer may let one byte more through (the \r); a line that
+        # used it without ending in \r is too long.
+        try:
+            line = buffer.extract_line(self.delimiter, self.max_length + 1)
+        except LineTooLong:
+            raise _too_long(None, self.max_length) from None
+        if line is None:
+            return None
+        if line.endswith(b"\r"):
+            return line[:-1]
+        if len(line) > self.max_length:
+            raise _too_long(line, self.max_length)
+        return line
 
     def extract_all(self, buffer: ReceiveBuffer) -> list[bytes]:
-        """Remove every complete line from ``buffer`` at once."""
-        return buffer.extract_lines(self.delimiter, self.max_length)
+        """Remove every complete line from ``buffer`` at once.
+
+        Lines before a too-long one are returned first; the next call raises
+        :class:`LineTooLong` for it.
+        """
+        if not self.strip_cr:
+            return buffer.extract_lines(self.delimiter, self.max_length)
+        try:
+            lines = buffer.extract_lines(self.delimiter, self.max_length + 1)
+        except LineTooLong:
+            raise _too_long(None, self.max_length) from None
+        out: list[bytes] = []
+        for index, line in enumerate(lines):
+            if line.endswith(b"\r"):
+                out.append(line[:-1])
+            elif len(line) > self.max_length:
+                if not out:
+                    raise _too_long(line, self.max_length)
+                # Give this line and those after it back, as they arrived,
+                # so that the next call reaches this one and raises.
+                delimiter = self.delimiter
+                buffer.unread(b"".join(rest + delimiter for rest in lines[index:]))
+                break
+            else:
+                out.append(line)
+        return out
+
+
+def _too_long(line: bytes | None, max_length: int) -> LineTooLong:
+    # (The buffer's own message would name the limit it was given: one more.)
+    if line is None:
+        return LineTooLong(
+            f"line longer than max_length={max_length} bytes "
+            "(not counting its line end)"
+        )
+    return LineTooLong(
+        f"line of {len(line)} bytes is longer than max_length={max_length}"
+    )
 
 
 _HEADER_SIZES = (1, 2, 4, 8)
