@@ -47,7 +47,8 @@ async def test_trionet_client_against_the_esockets_echo_server(esockets: None) -
             await peer.ask(cmd="refuse_next")
             async with trionet.connect_tcp("127.0.0.1", port) as refused:
                 assert await refused.receive_some() == b""
-                assert refused.close_reason is CloseReason.CLOSED_BY_PEER
+                assert refused.eof_received
+            assert refused.close_reason is CloseReason.CLOSED_BY_PEER
 
 
 async def test_litesockets_client_against_a_trionet_server(litesockets: None) -> None:
