@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -89,9 +90,21 @@ def pair_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _open_fds() -> set[str]:
-    import os
+@pytest.fixture
+def unix_path() -> Iterator[str]:
+    """A path for a UNIX socket, in a fresh directory of its own (removed
+    afterwards).  Short: a socket path must fit in about 100 bytes."""
+    import shutil
+    import tempfile
 
+    directory = tempfile.mkdtemp(prefix="trionet-")
+    try:
+        yield os.path.join(directory, "s.sock")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 

@@ -16,7 +16,7 @@ import trio
 from ._codec import Framing
 from ._connection import Connection, TlsSettings
 from ._exceptions import CloseReason, ConnectError
-from ._transport import SocketTransport, StreamTransport
+from ._transport import SocketTransport, StreamTransport, check_server_hostname
 from ._util import format_address
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -64,6 +64,8 @@ async def _connect(
 ) -> Connection:
     """Open a stream with ``open_stream``, do the TLS handshake if asked,
     and wrap it in a client Connection; ConnectError for any failure."""
+    if ssl_context is not None:
+        check_server_hostname(ssl_context, False, server_hostname)
     tls_settings = TlsSettings(server_side=False, server_hostname=server_hostname)
     with trio.move_on_after(connect_timeout) as scope:
         try:

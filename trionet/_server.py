@@ -46,7 +46,7 @@ import trio
 
 from ._codec import Framing, as_bytes
 from ._connection import DEFAULT_HANDSHAKE_TIMEOUT, Connection, TlsSettings
-from ._exceptions import CloseReason, ConnectionClosed, ProtocolError
+from ._exceptions import CloseReason, ConnectError, ConnectionClosed, ProtocolError
 from ._listeners import UnixSocketFile, open_listeners, open_unix_listener
 from ._options import non_negative, positive, positive_int, positive_or_none
 from ._sending import (
@@ -291,7 +291,8 @@ def _own_end(conn: Connection) -> Callable[[BaseException], bool]:
     failure."""
 
     def is_own(exc: BaseException) -> bool:
-        if not isinstance(exc, ConnectionClosed | ProtocolError):
+        # (A ConnectError too: a start_tls whose handshake failed or timed out.)
+        if not isinstance(exc, ConnectionClosed | ProtocolError | ConnectError):
             return False
         return conn.close_reason is not None or (
             conn.eof_received and isinstance(exc, ConnectionClosed)

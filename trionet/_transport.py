@@ -49,6 +49,7 @@ __all__ = [
     "SocketTransport",
     "StreamTransport",
     "Transport",
+    "check_server_hostname",
     "peer_credentials",
 ]
 
@@ -223,6 +224,7 @@ class Transport:
             ValueError: ``ssl_context`` does not fit the side (e.g. a client
                 context that checks host names, without ``server_hostname``).
         """
+        check_server_hostname(ssl_context, server_side, server_hostname)
         tls = trio.SSLStream(
             self.trio_stream(),
             ssl_context,
@@ -232,6 +234,22 @@ class Transport:
         upgraded = StreamTransport(tls, require_close_notify=require_close_notify)
         upgraded._addresses = self._addresses
         return upgraded
+
+
+def check_server_hostname(
+    ssl_context: ssl.SSLContext, server_side: bool, server_hostname: str | None
+) -> None:
+    """Refuse a client-side context that checks host names when there is no
+    name to check (the ssl module would not say so before the handshake).
+
+    Raises:
+        ValueError: a client context with ``check_hostname`` and no name.
+    """
+    if not server_side and server_hostname is None and ssl_context.check_hostname:
+        raise ValueError(
+            "this TLS context checks the server's host name: pass "
+            "server_hostname (the name its certificate must carry)"
+        )
 
 
 def _addresses(sock: socket.socket | trio.socket.SocketType) -> _Endpoints:
