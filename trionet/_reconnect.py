@@ -70,6 +70,10 @@ LOG_INTERVAL = 60.0
 _uniform = random.uniform
 
 
+def _failed_attempts(count: int) -> str:
+    return f"{count} failed attempt{'' if count == 1 else 's'}"
+
+
 def _optional_positive_int(instance: object, attribute: Any, value: int | None) -> None:
     if value is not None:
         positive_int(instance, attribute, value)
@@ -284,7 +288,8 @@ class Reconnecting:
         raise ConnectError(
             last.reason,
             f"gave up connecting to {self._where}: {why} "
-            f"({self._failed_in_row} failed attempts in {down:.1f} s); last: {last}",
+            f"({_failed_attempts(self._failed_in_row)} in {down:.1f} s); "
+            f"last: {last}",
         ) from last
 
     def _connected(self, conn: Connection) -> None:
@@ -295,9 +300,9 @@ class Reconnecting:
         if self._failed_in_row:
             assert self._down_since is not None
             logger.info(
-                "connected to %s after %d failed attempts (%.1f s)",
+                "connected to %s after %s (%.1f s)",
                 self._where,
-                self._failed_in_row,
+                _failed_attempts(self._failed_in_row),
                 now - self._down_since,
             )
         else:
