@@ -8,6 +8,7 @@ import shutil
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -528,6 +529,40 @@ async def test_require_close_notify_applies_after_the_upgrade(
         await server.aclose()
     expected = CloseReason.ERROR if require_close_notify else CloseReason.CLOSED_BY_PEER
     assert closed[0].close_reason is expected
+
+
+@pytest.mark.parametrize("require_close_notify", [False, True])
+async def test_a_clients_require_close_notify(
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    require_close_notify: bool,
+) -> None:
+    async def cut_short(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_context, server_side=True)
+        await tls.send_all(b"bye\n")
+        await trio.aclose_forcefully(tls)  # no close_notify
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, cut_short, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        async with trionet.connect_tcp(
+            "127.0.0.1",
+            port,
+            framing=LINES,
+            ssl_context=client_context,
+            server_hostname="localhost",
+            require_close_notify=require_close_notify,
+        ) as conn:
+            assert await conn.receive() == b"bye"
+            with pytest.raises(ConnectionClosed) as info:
+                await conn.receive()
+        nursery.cancel_scope.cancel()
+    if require_close_notify:
+        assert info.value.reason is CloseReason.ERROR
+    else:
+        assert info.value.reason is CloseReason.CLOSED_BY_PEER
 
 
 # -------------------------------------------------------------------- misuse

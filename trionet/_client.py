@@ -61,12 +61,17 @@ async def _connect(
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None,
     connect_timeout: float,
+    require_close_notify: bool,
 ) -> Connection:
     """Open a stream with ``open_stream``, do the TLS handshake if asked,
     and wrap it in a client Connection; ConnectError for any failure."""
     if ssl_context is not None:
         check_server_hostname(ssl_context, False, server_hostname)
-    tls_settings = TlsSettings(server_side=False, server_hostname=server_hostname)
+    tls_settings = TlsSettings(
+        server_side=False,
+        server_hostname=server_hostname,
+        require_close_notify=require_close_notify,
+    )
     with trio.move_on_after(connect_timeout) as scope:
         try:
             stream = await open_stream()
@@ -92,7 +97,8 @@ async def _connect(
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        conn = Connection._over(StreamTransport(tls), framing)
+        transport = StreamTransport(tls, require_close_notify=require_close_notify)
+        conn = Connection._over(transport, framing)
         conn._tls = tls_settings
         return conn
     assert scope.cancelled_caught
@@ -149,6 +155,10 @@ class connect_tcp(_Connecting):
         server_hostname: the name the server's certificate must carry, here
             and in a later :meth:`Connection.start_tls`.
         connect_timeout: seconds allowed for connecting (and the TLS handshake).
+        require_close_notify: over TLS (from the start, or after
+            :meth:`Connection.start_tls`), treat a server that closes
+            without TLS's close_notify as an error (ERROR) even between
+            messages; by default that is a clean end there.
         local_address: bind the client's socket to this local IP address
             (of the same family as the server's) before connecting; the
             port is chosen by the system.  For hosts with several
@@ -172,6 +182,7 @@ class connect_tcp(_Connecting):
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         connect_timeout: float = 10.0,
+        require_close_notify: bool = False,
         local_address: str | None = None,
     ) -> None:
         super().__init__(
@@ -183,6 +194,7 @@ class connect_tcp(_Connecting):
                 ssl_context,
                 server_hostname or host,
                 connect_timeout,
+                require_close_notify,
             )
         )
 
@@ -209,6 +221,7 @@ class connect_unix(_Connecting):
             check host names.
         server_hostname: the name the server's certificate must carry.
         connect_timeout: seconds allowed for connecting (and the TLS handshake).
+        require_close_notify: as for :func:`connect_tcp`.
 
     Raises:
         ConnectError: connecting failed (no such file, nobody listening,
@@ -226,6 +239,7 @@ class connect_unix(_Connecting):
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         connect_timeout: float = 10.0,
+        require_close_notify: bool = False,
     ) -> None:
         path = os.fspath(path)
         super().__init__(
@@ -237,5 +251,6 @@ class connect_unix(_Connecting):
                 ssl_context,
                 server_hostname,
                 connect_timeout,
+                require_close_notify,
             )
         )

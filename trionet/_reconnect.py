@@ -373,8 +373,10 @@ class _Connect:
         framing: Framing | None,
         ssl_context: ssl.SSLContext | None,
         server_hostname: str | None,
+        require_close_notify: bool,
         local_address: str | None,
     ) -> None:
+        self._require_close_notify = require_close_notify
         self._host = host
         self._port = port
         self._path = path
@@ -391,6 +393,7 @@ class _Connect:
                 ssl_context=self._ssl_context,
                 server_hostname=self._server_hostname,
                 connect_timeout=connect_timeout,
+                require_close_notify=self._require_close_notify,
             )
         assert self._host is not None and self._port is not None
         return await connect_tcp(
@@ -400,6 +403,7 @@ class _Connect:
             ssl_context=self._ssl_context,
             server_hostname=self._server_hostname,
             connect_timeout=connect_timeout,
+            require_close_notify=self._require_close_notify,
             local_address=self._local_address,
         )
 
@@ -413,6 +417,7 @@ def reconnecting(
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     connect_timeout: float = 10.0,
+    require_close_notify: bool = False,
     local_address: str | None = None,
     backoff_initial: float = 0.1,
     backoff_factor: float = 2.0,
@@ -465,9 +470,12 @@ def reconnecting(
     Args:
         host, port: the TCP server.
         path: the UNIX socket server's socket file, instead of host and port.
-        framing, ssl_context, server_hostname, connect_timeout, local_address:
-            for each connection, as in :func:`connect_tcp` and
-            :func:`connect_unix` (``local_address``: TCP only).
+        framing: each connection's framing, as in :func:`connect_tcp`.
+        ssl_context, server_hostname: TLS for each connection, as in
+            :func:`connect_tcp` and :func:`connect_unix`.
+        connect_timeout: seconds each attempt may take (default 10).
+        require_close_notify: as in :func:`connect_tcp`.
+        local_address: as in :func:`connect_tcp` (TCP only).
         backoff_initial: seconds; the first bound of the wait (default 0.1).
         backoff_factor: how much the bound grows after each failure (2).
         backoff_max: the largest bound, in seconds (30).
@@ -506,6 +514,13 @@ def reconnecting(
         unix_path = None
         where = format_address((host, port))
     connect = _Connect(
-        host, port, unix_path, framing, ssl_context, server_hostname, local_address
+        host,
+        port,
+        unix_path,
+        framing,
+        ssl_context,
+        server_hostname,
+        require_close_notify,
+        local_address,
     )
     return Reconnecting(where, connect, policy)
