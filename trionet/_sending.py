@@ -45,6 +45,15 @@ raised in the caller's block are never wrapped in an ExceptionGroup).  Sends
 write under a FIFO lock and return once the kernel took the bytes; a send
 that waits longer than ``idle_timeout`` for the peer to read closes the
 connection with TIMEOUT.
+
+Both paths can ``pause`` and ``resume`` around a change of transport
+(:meth:`Connection.start_tls`).  A writer task, or a send under the lock,
+holds on to the transport it started with, so the old transport must be
+idle before the new one takes over: ``pause`` waits (bounded) until what
+was accepted is written -- the queue drained, or the lock free -- and then
+holds new sends: in a queue that no writer drains, or by keeping the lock.
+``resume`` lets them go, over whatever transport the connection has then.
+A pause is only cancelled before it holds anything.
 """
 
 from __future__ import annotations

@@ -506,10 +506,11 @@ async def connect_unix_channels(
 
     Args:
         path: the server's socket file.
-        max_size, channel_buffer, max_buffered_bytes, policy, max_channels,
-            ssl_context, server_hostname, connect_timeout: as for
-            :func:`connect_channels` (see :func:`trionet.connect_unix` about
-            TLS over a socket file).
+        max_size, channel_buffer, max_buffered_bytes, policy, max_channels:
+            see :class:`ChannelConnection`.
+        ssl_context, server_hostname, connect_timeout: as for
+            :func:`trionet.connect_unix` (a socket file has no host name:
+            give ``server_hostname`` for TLS).
 
     Raises:
         ConnectError: connecting failed (see :func:`trionet.connect_unix`).
