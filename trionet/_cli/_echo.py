@@ -138,14 +138,14 @@ class _Options:
 
     host: str
     port: int
-    #: A UNIX socket path to listen on instead of host and port.
-    unix: str | None
     udp: bool
     framing_name: str
     tls_cert: str | None
     tls_key: str | None
     grace_period: float
     verbose: bool
+    #: A UNIX socket path to listen on instead of host and port.
+    unix: str | None = None
 
 
 def run(args: argparse.Namespace) -> int:
