@@ -60,12 +60,15 @@ def starttls_handler(
     return handle
 
 
-async def client_starttls(
-    conn: trionet.Connection, client_context: ssl.SSLContext
-) -> None:
-    await conn.send("STARTTLS")
-    assert await conn.receive() == b"220 go"
-    await conn.start_tls(client_context)
+@asynccontextmanager
+async def asked_for_tls(server: trionet.Server) -> AsyncIterator[trionet.Connection]:
+    """A client of ``server`` that has asked for TLS and read "220 go"."""
+    async with trionet.connect_tcp(
+        "127.0.0.1", server.port, framing=LINES, server_hostname="localhost"
+    ) as conn:
+        await conn.send("STARTTLS")
+        assert await conn.receive() == b"220 go"
+        yield conn
 
 
 # ---------------------------------------------------------------- upgrading
@@ -76,11 +79,8 @@ async def test_both_sides_upgrade_and_the_connection_goes_on(
 ) -> None:
     handle = starttls_handler(server_context)
     async with server_with(handle) as (server, closed):
-        conn = await trionet.connect_tcp(
-            "127.0.0.1", server.port, framing=LINES, server_hostname="localhost"
-        )
-        async with conn:
-            await client_starttls(conn, client_context)
+        async with asked_for_tls(server) as conn:
+            await conn.start_tls(client_context)
             # The same object, its framing and receive modes, now over TLS.
             await conn.send("one")
             await conn.send_all(b"two\nthree\n")
@@ -230,11 +230,7 @@ async def test_a_client_refuses_bytes_injected_after_the_servers_answer(
             assert await conn.receive_some() == b""
 
     async with server_with(handle) as (server, _):
-        async with trionet.connect_tcp(
-            "127.0.0.1", server.port, framing=LINES, server_hostname="localhost"
-        ) as conn:
-            await conn.send("STARTTLS")
-            assert await conn.receive() == b"220 go"
+        async with asked_for_tls(server) as conn:
             with pytest.raises(StartTLSRefused) as info:
                 await conn.start_tls(client_context)
             assert info.value.buffered == len(b"250 forged reply\n")
@@ -309,11 +305,7 @@ async def test_a_broadcast_during_the_handshake_goes_out_over_tls(
 ) -> None:
     handle = starttls_handler(server_context)
     async with server_with(handle) as (server, _):
-        async with trionet.connect_tcp(
-            "127.0.0.1", server.port, framing=LINES, server_hostname="localhost"
-        ) as conn:
-            await conn.send("STARTTLS")
-            assert await conn.receive() == b"220 go"
+        async with asked_for_tls(server) as conn:
             # The server's side now waits in its handshake for our hello.
             await trio.testing.wait_all_tasks_blocked()
             await server.broadcast("news")  # held, not written in plaintext
@@ -343,11 +335,7 @@ async def test_a_send_from_another_task_waits_for_the_handshake(
         sent.append(True)
 
     async with server_with(handle) as (server, _):
-        async with trionet.connect_tcp(
-            "127.0.0.1", server.port, framing=LINES, server_hostname="localhost"
-        ) as conn:
-            await conn.send("STARTTLS")
-            assert await conn.receive() == b"220 go"
+        async with asked_for_tls(server) as conn:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.start_tls, client_context)
                 # Our hello is out; the server has not answered yet.
@@ -379,11 +367,7 @@ async def test_a_send_under_way_finishes_in_plaintext_before_the_handshake(
         await after(conn)
 
     async with server_with(handle) as (server, _):
-        async with trionet.connect_tcp(
-            "127.0.0.1", server.port, framing=LINES, server_hostname="localhost"
-        ) as conn:
-            await conn.send("STARTTLS")
-            assert await conn.receive() == b"220 go"
+        async with asked_for_tls(server) as conn:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.send_all, data)
                 await trio.testing.wait_all_tasks_blocked()  # (the kernel is full)
@@ -436,11 +420,7 @@ async def test_a_client_handshake_timeout_closes_the_connection(
         await trio.sleep_forever()  # and never upgrade
 
     async with server_with(handle) as (server, _):
-        async with trionet.connect_tcp(
-            "127.0.0.1", server.port, framing=LINES, server_hostname="localhost"
-        ) as conn:
-            await conn.send("STARTTLS")
-            assert await conn.receive() == b"220 go"
+        async with asked_for_tls(server) as conn:
             with pytest.raises(ConnectError) as info:
                 await conn.start_tls(client_context, handshake_timeout=3)
             assert info.value.reason is CloseReason.TIMEOUT
@@ -462,11 +442,7 @@ async def test_a_failed_handshake_closes_both_sides_with_error(
 
     untrusting = ssl.create_default_context()  # does not know the test CA
     async with server_with(handle) as (server, closed):
-        async with trionet.connect_tcp(
-            "127.0.0.1", server.port, framing=LINES, server_hostname="localhost"
-        ) as conn:
-            await conn.send("STARTTLS")
-            assert await conn.receive() == b"220 go"
+        async with asked_for_tls(server) as conn:
             with pytest.raises(ConnectError) as info:
                 await conn.start_tls(untrusting)
     assert info.value.reason is CloseReason.ERROR

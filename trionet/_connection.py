@@ -205,6 +205,12 @@ class Connection:
     instead, even after the peer finished.  A flush that runs out of time
     (``flush_timeout``) closes forcefully, with TIMEOUT.
 
+    :meth:`start_tls` may run in the open state (and after the peer
+    finished, to be refused): while it runs, receives raise
+    :exc:`trio.BusyResourceError` and sends wait; it returns to the open
+    state over TLS, or closes the connection (PROTOCOL_ERROR for unread
+    plaintext, ERROR or TIMEOUT for a handshake that failed).
+
     Args:
         stream: the stream to speak over.  Closing the connection closes it.
         framing: what :meth:`receive`, :meth:`send` and ``async for`` use:
