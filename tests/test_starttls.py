@@ -351,8 +351,13 @@ async def test_a_send_from_another_task_waits_for_the_handshake(
 async def test_a_send_under_way_finishes_in_plaintext_before_the_handshake(
     server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
-    data = b"D" * (4 * 1024 * 1024)
+    data = b"D" * (16 * 1024 * 1024)
     release = trio.Event()
+    sent: list[bool] = []
+
+    async def send_data(conn: trionet.Connection) -> None:
+        await conn.send_all(data)
+        sent.append(True)
 
     async def after(conn: trionet.Connection) -> None:
         async for line in conn:
@@ -369,8 +374,9 @@ async def test_a_send_under_way_finishes_in_plaintext_before_the_handshake(
     async with server_with(handle) as (server, _):
         async with asked_for_tls(server) as conn:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.send_all, data)
-                await trio.testing.wait_all_tasks_blocked()  # (the kernel is full)
+                nursery.start_soon(send_data, conn)
+                await trio.testing.wait_all_tasks_blocked()
+                assert sent == []  # (the kernel is full: the send is under way)
                 nursery.start_soon(conn.start_tls, client_context)
                 await trio.testing.wait_all_tasks_blocked()
                 release.set()
