@@ -21,9 +21,13 @@ Opens connections in batches, echoes one line on each (so the server has
 accepted it and run its handler), and reads the server's ``VmRSS`` from
 ``/proc/<pid>/status`` before and after.
 
+Every connection goes to 127.0.0.1:PORT, or to a UNIX socket when the target
+is a path (a str) instead of a port.
+
 Used by ``run.py``; also runnable by hand against a server started by hand::
 
     python benchmarks/client.py PORT PID pingpong --conns 50 --duration 2
+    python benchmarks/client.py /tmp/echo.sock PID frames --conns 4
 """
 
 from __future__ import annotations
@@ -127,8 +131,21 @@ def frame_request(size: int) -> bytes:
 # ----------------------------------------------------------------- sockets
 
 
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10.0)
+#: Where a server listens: a loopback TCP port, or a UNIX socket's path.
+Target = int | str
+
+
+def _connect(target: Target) -> socket.socket:
+    if isinstance(target, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(10.0)
+            sock.connect(target)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection(("127.0.0.1", target), timeout=10.0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -168,7 +185,7 @@ def _percentile(sorted_values: list[int], fraction: float) -> float:
 
 
 def run_echo(
-    port: int,
+    target: Target,
     pid: int,
     *,
     conns: int,
@@ -185,7 +202,7 @@ def run_echo(
     measured period only.
     """
     expect = len(request)
-    socks = [_connect(port) for _ in range(conns)]
+    socks = [_connect(target) for _ in range(conns)]
     poller = select.epoll()
     scratch = bytearray(1 << 20)
     by_fd: dict[int, _Conn] = {}
@@ -295,12 +312,12 @@ def run_echo(
 # ------------------------------------------------------------------- idle
 
 
-def run_idle(port: int, pid: int, *, conns: int) -> dict[str, Any]:
+def run_idle(target: Target, pid: int, *, conns: int) -> dict[str, Any]:
     """Server memory and CPU per idle connection (each echoed one line first)."""
     line = line_request()
     socks: list[socket.socket] = []
     try:
-        warm = _connect(port)
+        warm = _connect(target)
         socks.append(warm)
         warm.sendall(line)
         if _recv_exactly(warm, len(line)) != line:
@@ -309,7 +326,7 @@ def run_idle(port: int, pid: int, *, conns: int) -> dict[str, Any]:
         cpu_before = server_cpu_seconds(pid)
         t0 = time.perf_counter()
         for start in range(0, conns, IDLE_BATCH):
-            batch = [_connect(port) for _ in range(min(IDLE_BATCH, conns - start))]
+            batch = [_connect(target) for _ in range(min(IDLE_BATCH, conns - start))]
             socks.extend(batch)
             for sock in batch:
                 sock.sendall(line)
@@ -337,7 +354,7 @@ def run_idle(port: int, pid: int, *, conns: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("port", type=int)
+    parser.add_argument("target", help="the server's TCP port, or its UNIX socket path")
     parser.add_argument("pid", type=int, help="the server's pid (for CPU and RSS)")
     parser.add_argument("workload", choices=("pingpong", "pipelined", "frames", "idle"))
     parser.add_argument("--conns", type=int, default=1)
@@ -346,8 +363,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.3)
     args = parser.parse_args()
     raise_fd_limit()
+    target: Target = int(args.target) if args.target.isdigit() else args.target
     if args.workload == "idle":
-        result = run_idle(args.port, args.pid, conns=args.conns)
+        result = run_idle(target, args.pid, conns=args.conns)
     else:
         if args.workload == "pingpong":
             request, per_round = line_request(), 1
@@ -356,7 +374,7 @@ def main() -> None:
         else:
             request, per_round = frame_request(args.size), 1
         result = run_echo(
-            args.port,
+            target,
             args.pid,
             conns=args.conns,
             request=request,

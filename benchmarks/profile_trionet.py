@@ -62,7 +62,7 @@ def _short(path: str) -> str:
 def _measure(server: run.Server, work: run.Workload, duration: float) -> dict[str, Any]:
     request, per_round = work.request()
     return client.run_echo(
-        server.port,
+        server.target,
         server.pid,
         conns=work.conns,
         request=request,

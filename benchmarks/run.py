@@ -125,6 +125,10 @@ class Stack:
     #: Which codec_bench implementation stands for this stack (None: no row).
     codec: str | None = None
     description: str = ""
+    #: Serve on a UNIX socket (``--unix PATH``) instead of a loopback port.
+    unix: bool = False
+    #: The only workloads this stack runs (None: all); the rest are "n/a".
+    workloads: tuple[str, ...] | None = None
 
 
 STACKS = [
@@ -135,6 +139,15 @@ STACKS = [
         codec="trionet",
         description="trionet.serve_tcp, Lines()/Frames(), `async for m in conn: "
         "await conn.send(m)`",
+    ),
+    Stack(
+        "trionet-unix",
+        "trionet_echo.py",
+        needs="trionet",
+        description="the same trionet server on a UNIX socket (trionet.serve_unix), "
+        "to compare with trionet over loopback TCP",
+        unix=True,
+        workloads=("pingpong-50", "frames-1k"),
     ),
     Stack(
         "trio",
@@ -293,21 +306,33 @@ WORKLOADS = [
 
 
 class Server:
-    """One echo server process: started, asked for its port, stopped by PID."""
+    """One echo server process: started, asked where it listens, stopped by PID."""
 
     def __init__(self, stack: Stack, mode: str, profile: str | None = None) -> None:
         argv = [sys.executable, str(SERVERS / stack.script), mode, *stack.extra]
         if profile:
             argv += ["--profile", profile]
+        # A directory of our own for a UNIX socket, removed by stop().
+        self._socket_dir = (
+            tempfile.mkdtemp(prefix="trionet-bench-") if stack.unix else None
+        )
+        if self._socket_dir is not None:
+            argv += ["--unix", os.path.join(self._socket_dir, "echo.sock")]
         env = _child_env()
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=self._stderr, env=env, cwd=ROOT
         )
         self.pid = self.proc.pid
-        self.port = self._read_port()
+        #: Where the client connects: the port, or the UNIX socket's path.
+        self.target: int | str = self._read_target()
 
-    def _read_port(self) -> int:
+    @property
+    def port(self) -> int:
+        assert isinstance(self.target, int), "this server listens on a UNIX socket"
+        return self.target
+
+    def _read_target(self) -> int | str:
         assert self.proc.stdout is not None
         deadline = time.monotonic() + START_TIMEOUT
         with selectors.DefaultSelector() as sel:
@@ -321,6 +346,8 @@ class Server:
                     break
                 if line.startswith(b"PORT "):
                     return int(line.split()[1])
+                if line.startswith(b"UNIX "):
+                    return line[5:].decode().strip()
         self.stop()
         raise RuntimeError(f"server did not report a port: {self.stderr_tail()}")
 
@@ -339,6 +366,8 @@ class Server:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._stderr.close()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def __enter__(self) -> Server:
         return self
@@ -383,11 +412,11 @@ def measure(stack: Stack, work: Workload, cfg: Settings) -> dict[str, Any]:
         wall0 = time.monotonic()
         if work.kind == "idle":
             conns = max(10, int(work.conns * cfg.idle_scale))
-            result = client.run_idle(server.port, server.pid, conns=conns)
+            result = client.run_idle(server.target, server.pid, conns=conns)
         else:
             request, per_round = work.request()
             result = client.run_echo(
-                server.port,
+                server.target,
                 server.pid,
                 conns=work.conns,
                 request=request,
@@ -416,6 +445,8 @@ def measure(stack: Stack, work: Workload, cfg: Settings) -> dict[str, Any]:
 def skip_reason(
     stack: Stack, work: Workload, cfg: Settings, fd_limit: int
 ) -> str | None:
+    if stack.workloads is not None and work.name not in stack.workloads:
+        return "n/a"
     if stack.needs and importlib.util.find_spec(stack.needs) is None:
         return f"{stack.needs} is not installed"
     if work.kind == "codec" and stack.codec is None:

@@ -92,19 +92,10 @@ class EchoServer:
 
 
 async def connect_from(source: str, port: int) -> trionet.Connection:
-    """A client connection whose local address is ``source``.
-
-    connect_tcp() picks the local address itself, so bind a trio socket by
-    hand and wrap its stream in a Connection.
-    """
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    return trionet.Connection(trio.SocketStream(sock), framing=LINES)
+    """A client connection whose local address is ``source``."""
+    return await trionet.connect_tcp(
+        "127.0.0.1", port, framing=LINES, local_address=source
+    )
 
 
 async def echo_client(conn: trionet.Connection, name: str) -> list[bytes]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -17,9 +19,10 @@ from trionet._connection import Connection
 
 #: The kinds of connected pair every Connection test runs over:
 #: "tcp" -- a real loopback TCP client and a server-owned connection;
+#: "unix" -- the same over a UNIX domain socket (one implementation with TCP);
 #: "memory" -- two connections over trio's in-memory streams (locked sends);
 #: "memory-queued" -- in-memory, the second side with a send queue and writer.
-PAIR_KINDS = ["tcp", "memory", "memory-queued"]
+PAIR_KINDS = ["tcp", "unix", "memory", "memory-queued"]
 
 
 @asynccontextmanager
@@ -27,7 +30,7 @@ async def open_pair(
     kind: str, framing: trionet.Framing | None = None, **server_options: object
 ) -> AsyncIterator[tuple[Connection, Connection]]:
     """A connected (client, server-side) pair of Connections of the given kind."""
-    if kind == "tcp":
+    if kind in ("tcp", "unix"):
         accepted: list[Connection] = []
         arrived = trio.Event()
         done = trio.Event()
@@ -37,21 +40,30 @@ async def open_pair(
             arrived.set()
             await done.wait()
 
-        async with trionet.open_tcp_server(
-            handler,
-            framing=framing,
-            grace_period=0,
-            **server_options,  # type: ignore[arg-type]
-        ) as server:
-            client = await trionet.connect_tcp(
-                "127.0.0.1", server.port, framing=framing
-            )
-            try:
-                await arrived.wait()
-                yield client, accepted[0]
-            finally:
-                done.set()
-                await client.aclose()
+        with tempfile.TemporaryDirectory(prefix="trionet-") as directory:
+            path = os.path.join(directory, "s.sock")
+            if kind == "tcp":
+                serving = trionet.open_tcp_server(
+                    handler, framing=framing, grace_period=0, **server_options
+                )
+            else:
+                serving = trionet.open_unix_server(
+                    handler, path, framing=framing, grace_period=0, **server_options
+                )
+            async with serving as server:
+                if kind == "tcp":
+                    connect = trionet.connect_tcp(
+                        "127.0.0.1", server.port, framing=framing
+                    )
+                else:
+                    connect = trionet.connect_unix(path, framing=framing)
+                client = await connect
+                try:
+                    await arrived.wait()
+                    yield client, accepted[0]
+                finally:
+                    done.set()
+                    await client.aclose()
         return
     left, right = trio.testing.memory_stream_pair()
     if kind == "memory":
@@ -89,9 +101,15 @@ def pair_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _open_fds() -> set[str]:
-    import os
+@pytest.fixture
+def unix_path() -> Iterator[str]:
+    """A path for a UNIX socket, in a fresh directory of its own (removed
+    afterwards).  Short: a socket path must fit in about 100 bytes."""
+    with tempfile.TemporaryDirectory(prefix="trionet-") as directory:
+        yield os.path.join(directory, "s.sock")
 
+
+def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 

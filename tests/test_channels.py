@@ -1356,8 +1356,11 @@ PUBLIC = {
     "RedisBackplane",
     "VERSION",
     "connect_channels",
+    "connect_unix_channels",
     "open_channel_server",
+    "open_unix_channel_server",
     "serve_channels",
+    "serve_unix_channels",
 }
 
 

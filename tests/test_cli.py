@@ -109,14 +109,16 @@ class EchoProcess:
 
 @asynccontextmanager
 async def echo_server(
-    tmp_path: Path, *args: str, new_session: bool = False
+    tmp_path: Path, *args: str, new_session: bool = False, unix: str | None = None
 ) -> AsyncIterator[EchoProcess]:
-    """``trionet echo --port 0 *args`` in a child (in a process group of its
-    own with ``new_session``); stopped (killed if need be)."""
+    """``trionet echo --port 0 *args`` (with ``unix``: ``--unix PATH``) in a
+    child (in a process group of its own with ``new_session``); stopped
+    (killed if need be).  Its ``port`` is 0 on a UNIX socket."""
     stderr_path = tmp_path / f"echo-{next(_serial)}.err"
+    listen = ["--port", "0"] if unix is None else ["--unix", unix]
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
-            command("echo", "--port", "0", *args),
+            command("echo", *listen, *args),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -131,6 +133,10 @@ async def echo_server(
                 assert chunk, f"echo exited early: {stderr_path.read_text()}"
                 output += chunk
         line = output.decode().splitlines()[0]
+        if unix is not None:
+            assert line.startswith(f"listening on {unix} ("), line
+            yield EchoProcess(process, 0, line, stderr_path)
+            return
         match = re.match(r"listening on (?:127\.0\.0\.1|\[::1\]):(\d+) \(", line)
         assert match, line
         yield EchoProcess(process, int(match.group(1)), line, stderr_path)
@@ -219,6 +225,28 @@ async def test_echo_and_load_end_to_end(
     check_percentiles(report)
     # The server saw every connection end cleanly.
     assert "5 connections served (CLOSED_BY_PEER 5)" in echo.stderr()
+
+
+async def test_echo_and_load_over_a_unix_socket(tmp_path: Path, unix_path: str) -> None:
+    async with echo_server(tmp_path, "--verbose", unix=unix_path) as echo:
+        assert echo.first_line == f"listening on {unix_path} (unix, line framing)"
+        result = await run_async(
+            "load", "--unix", unix_path, "-c", "3", "-n", "90", "-p", "4", "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        report = load_json(result)
+        table = await run_async("load", "--unix", unix_path, "-c", "1", "-n", "5")
+        assert await echo.stop() == 0
+    assert report["target"] == unix_path
+    assert report["transport"] == "unix"
+    assert report["messages"] == 90
+    assert report["errors"] == {}
+    assert f"trionet load {unix_path}: unix, line framing" in table.stdout.decode()
+    log = echo.stderr()
+    assert "4 connections served (CLOSED_BY_PEER 4)" in log
+    # A UNIX client has no address worth printing: its process and user.
+    assert re.search(rf"connect pid \d+ uid {os.geteuid()}", log), log
+    assert not await trio.Path(unix_path).exists()  # removed at shutdown
 
 
 async def test_load_prints_a_table_without_json(tmp_path: Path) -> None:
@@ -976,6 +1004,13 @@ def assert_one_line_error(
         (("echo", "--port", "99999"), ["0..65535"]),
         (("echo", "--tls-cert", "c.pem"), ["--tls-cert and --tls-key go together"]),
         (("echo", "--udp", "--framing", "line"), ["--framing does not apply"]),
+        (("echo", "--unix", "e.sock", "--port", "5"), ["--unix replaces --host"]),
+        (("echo", "--unix", "e.sock", "--host", "::1"), ["--unix replaces --host"]),
+        (("echo", "--unix", "e.sock", "--udp"), ["--unix does not apply to --udp"]),
+        (("echo", "--unix", "e.sock", "--workers", "2"), ["--workers does not apply"]),
+        (("load",), ["HOST:PORT or as --unix PATH"]),
+        (("load", "127.0.0.1:9", "--unix", "e.sock"), ["HOST:PORT or as --unix"]),
+        (("load", "--unix", "e.sock", "--udp"), ["--udp does not apply to --unix"]),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error(
@@ -1039,6 +1074,17 @@ def test_missing_tls_files_are_a_runtime_error(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.pem")
     result = run_sync("echo", "--tls-cert", missing, "--tls-key", missing)
     assert_one_line_error(result, 1, "cannot load the TLS certificate", missing)
+
+
+def test_a_missing_or_busy_unix_path_is_a_runtime_error(unix_path: str) -> None:
+    result = run_sync("load", "--unix", unix_path, "-n", "1")
+    assert_one_line_error(
+        result, 1, f"cannot connect to {unix_path}: No such file or directory"
+    )
+    with open(unix_path, "w"):
+        pass  # a file that is not a socket
+    result = run_sync("echo", "--unix", unix_path)
+    assert_one_line_error(result, 1, f"cannot listen on {unix_path}", "not a socket")
 
 
 def test_port_in_use_is_a_runtime_error() -> None:

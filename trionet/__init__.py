@@ -7,6 +7,7 @@ explicit :class:`CloseReason` for every connection that ends.
 
 from ._as_stream import ConnectionStream as ConnectionStream
 from ._client import connect_tcp as connect_tcp
+from ._client import connect_unix as connect_unix
 from ._codec import Decoder as Decoder
 from ._codec import Frames as Frames
 from ._codec import Framing as Framing
@@ -25,12 +26,19 @@ from ._exceptions import IncompleteMessage as IncompleteMessage
 from ._exceptions import LineTooLong as LineTooLong
 from ._exceptions import MessageTooLarge as MessageTooLarge
 from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import StartTLSRefused as StartTLSRefused
 from ._exceptions import TrionetError as TrionetError
+from ._reconnect import Reconnecting as Reconnecting
+from ._reconnect import ReconnectingStatistics as ReconnectingStatistics
+from ._reconnect import reconnecting as reconnecting
 from ._server import Server as Server
 from ._server import ServerOptions as ServerOptions
 from ._server import ServerStatistics as ServerStatistics
 from ._server import open_tcp_server as open_tcp_server
+from ._server import open_unix_server as open_unix_server
 from ._server import serve_tcp as serve_tcp
+from ._server import serve_unix as serve_unix
+from ._transport import PeerCredentials as PeerCredentials
 from ._udp import Datagram as Datagram
 from ._udp import DatagramStatistics as DatagramStatistics
 from ._udp import UdpPeer as UdpPeer

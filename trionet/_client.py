@@ -1,4 +1,4 @@
-"""connect_tcp: a client Connection, with no background task."""
+"""connect_tcp and connect_unix: a client Connection, with no background task."""
 
 from __future__ import annotations
 
@@ -6,22 +6,23 @@ import os
 import socket
 import ssl
 import sys
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 import trio
 
 from ._codec import Framing
-from ._connection import Connection
+from ._connection import Connection, TlsSettings
 from ._exceptions import CloseReason, ConnectError
-from ._transport import SocketTransport
+from ._transport import SocketTransport, StreamTransport, check_server_hostname
 from ._util import format_address
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["connect_tcp"]
+__all__ = ["connect_tcp", "connect_unix"]
 
 
 def _why(exc: OSError) -> str:
@@ -31,49 +32,61 @@ def _why(exc: OSError) -> str:
     an exception group behind it; the reasons are in those.
     """
     reasons: list[str] = []
-    pending: list[BaseException] = [exc]
-    if exc.__cause__ is not None:
-        pending.append(exc.__cause__)
+    # (With a cause, the error itself only says "all attempts failed".)
+    pending: list[BaseException] = [exc if exc.__cause__ is None else exc.__cause__]
     while pending:
         error = pending.pop(0)
         if isinstance(error, BaseExceptionGroup):
             pending.extend(error.exceptions)
-        elif isinstance(error, OSError) and error.errno is not None:
+            continue
+        if not isinstance(error, OSError):
+            continue
+        if error.errno is None:
+            # (trio's own words, e.g. a local_address that cannot be bound.)
+            reason = str(error)
+        elif isinstance(error, socket.gaierror):
             # (A resolver error's errno is no OS error number.)
-            reason = (
-                str(error.strerror)
-                if isinstance(error, socket.gaierror)
-                else os.strerror(error.errno)
-            )
-            if reason not in reasons:
-                reasons.append(reason)
+            reason = str(error.strerror)
+        else:
+            reason = os.strerror(error.errno)
+        if reason not in reasons:
+            reasons.append(reason)
     return "; ".join(reasons) if reasons else str(exc)
 
 
 async def _connect(
-    host: str,
-    port: int,
+    open_stream: Callable[[], Awaitable[trio.SocketStream]],
+    where: str,
     framing: Framing | None,
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None,
     connect_timeout: float,
+    require_close_notify: bool,
 ) -> Connection:
-    where = format_address((host, port))
+    """Open a stream with ``open_stream``, do the TLS handshake if asked,
+    and wrap it in a client Connection; ConnectError for any failure."""
+    if ssl_context is not None:
+        check_server_hostname(ssl_context, False, server_hostname)
+    tls_settings = TlsSettings(
+        server_side=False,
+        server_hostname=server_hostname,
+        require_close_notify=require_close_notify,
+    )
     with trio.move_on_after(connect_timeout) as scope:
         try:
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await open_stream()
         except OSError as exc:
             raise ConnectError(
                 CloseReason.ERROR, f"cannot connect to {where}: {_why(exc)}"
             ) from exc
         if ssl_context is None:
-            return Connection._over(
+            conn = Connection._over(
                 SocketTransport.from_trio_socket(stream.socket), framing
             )
-        tls = trio.SSLStream(
-            stream, ssl_context, server_hostname=server_hostname or host
-        )
+            conn._tls = tls_settings
+            return conn
         try:
+            tls = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname)
             await tls.do_handshake()
         except (trio.BrokenResourceError, OSError) as exc:
             await trio.aclose_forcefully(stream)
@@ -84,7 +97,10 @@ async def _connect(
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        return Connection(tls, framing=framing)
+        transport = StreamTransport(tls, require_close_notify=require_close_notify)
+        conn = Connection._over(transport, framing)
+        conn._tls = tls_settings
+        return conn
     assert scope.cancelled_caught
     raise ConnectError(
         CloseReason.TIMEOUT,
@@ -92,7 +108,31 @@ async def _connect(
     )
 
 
-class connect_tcp:
+class _Connecting:
+    """``await`` it for the connection, or use it with ``async with``."""
+
+    def __init__(self, connect: Callable[[], Awaitable[Connection]]) -> None:
+        self._connect = connect
+        self._conn: Connection | None = None
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return self._connect().__await__()
+
+    async def __aenter__(self) -> Connection:
+        self._conn = await self._connect()
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._conn is not None
+        await self._conn.aclose()
+
+
+class connect_tcp(_Connecting):
     """Connect to a TCP server; use with ``async with`` or ``await``.
 
     ::
@@ -112,13 +152,23 @@ class connect_tcp:
         framing: the connection's framing (:class:`Lines`, :class:`Frames` or None).
         ssl_context: speak TLS with this context (the server's certificate is
             checked against ``server_hostname``, default ``host``).
-        server_hostname: the name the server's certificate must carry.
+        server_hostname: the name the server's certificate must carry, here
+            and in a later :meth:`Connection.start_tls`.
         connect_timeout: seconds allowed for connecting (and the TLS handshake).
+        require_close_notify: over TLS (from the start, or after
+            :meth:`Connection.start_tls`), treat a server that closes
+            without TLS's close_notify as an error (ERROR) even between
+            messages; by default that is a clean end there.
+        local_address: bind the client's socket to this local IP address
+            (of the same family as the server's) before connecting; the
+            port is chosen by the system.  For hosts with several
+            addresses, and for servers that tell clients apart by address.
 
     Raises:
         ConnectError: connecting failed; ``.reason`` is
             :attr:`CloseReason.TIMEOUT` for a timeout, :attr:`CloseReason.ERROR`
-            otherwise, with the :class:`OSError` as ``__cause__``.
+            otherwise (a ``local_address`` that cannot be bound included),
+            with the :class:`OSError` as ``__cause__``.
 
     .. versionadded:: 0.1
     """
@@ -132,29 +182,75 @@ class connect_tcp:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         connect_timeout: float = 10.0,
+        require_close_notify: bool = False,
+        local_address: str | None = None,
     ) -> None:
-        self._args = (
-            host,
-            port,
-            framing,
-            ssl_context,
-            server_hostname,
-            connect_timeout,
+        super().__init__(
+            partial(
+                _connect,
+                partial(trio.open_tcp_stream, host, port, local_address=local_address),
+                format_address((host, port)),
+                framing,
+                ssl_context,
+                server_hostname or host,
+                connect_timeout,
+                require_close_notify,
+            )
         )
-        self._conn: Connection | None = None
 
-    def __await__(self) -> Generator[Any, None, Connection]:
-        return _connect(*self._args).__await__()
 
-    async def __aenter__(self) -> Connection:
-        self._conn = await _connect(*self._args)
-        return self._conn
+class connect_unix(_Connecting):
+    """Connect to a UNIX domain socket server; use with ``async with`` or
+    ``await``, as :func:`connect_tcp`.
 
-    async def __aexit__(
+    ::
+
+        async with trionet.connect_unix("/run/app.sock", framing=lines) as conn:
+            await conn.send("hello")
+
+    The connection is the same as over TCP (and as fast a path);
+    :attr:`Connection.peer_credentials` says which process, user and group
+    runs the server.
+
+    Args:
+        path: the server's socket file.  Connecting needs write permission
+            on it.
+        framing: the connection's framing (:class:`Lines`, :class:`Frames` or None).
+        ssl_context: speak TLS with this context.  A socket file has no host
+            name, so give ``server_hostname`` unless the context does not
+            check host names.
+        server_hostname: the name the server's certificate must carry.
+        connect_timeout: seconds allowed for connecting (and the TLS handshake).
+        require_close_notify: as for :func:`connect_tcp`.
+
+    Raises:
+        ConnectError: connecting failed (no such file, nobody listening,
+            permission denied, timeout); ``.reason`` as for
+            :func:`connect_tcp`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
+        path: str | os.PathLike[str],
+        *,
+        framing: Framing | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        connect_timeout: float = 10.0,
+        require_close_notify: bool = False,
     ) -> None:
-        assert self._conn is not None
-        await self._conn.aclose()
+        path = os.fspath(path)
+        super().__init__(
+            partial(
+                _connect,
+                partial(trio.open_unix_socket, path),
+                format_address(path),
+                framing,
+                ssl_context,
+                server_hostname,
+                connect_timeout,
+                require_close_notify,
+            )
+        )

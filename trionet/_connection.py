@@ -23,6 +23,18 @@ Everything accepted for sending is flushed before the transport closes, for
 at most the flush timeout; what cannot be flushed in time is dropped with a
 forceful close (the writer task is cancelled, the socket closed at once) and
 the connection ends with TIMEOUT.  No close ever waits without a bound.
+
+Upgrading to TLS (:meth:`Connection.start_tls`).  The transport is replaced
+under the same Connection, so the buffer, framing, counters, close reason and
+send path go on.  The order is what makes it safe: refuse if any received
+byte is still unread (it came in plaintext and must never pass for protected
+bytes); hold receives (as if a receive were running) and pause the send path
+-- what was accepted is written in plaintext first, later sends and
+broadcasts wait in a held queue (or on the send lock); swap in a TLS
+transport over the same socket or stream; handshake, bounded; then resume the
+send path, whose held bytes now go out over TLS.  A handshake that fails,
+times out or is cancelled closes the connection, so a half-negotiated stream
+is never used.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import logging
 import math
 import operator
 import socket
+import ssl
 from collections import deque
 from collections.abc import Callable, Coroutine
 from types import TracebackType
@@ -44,9 +57,11 @@ from ._as_stream import ConnectionStream
 from ._codec import Frames, Framing, Lines, ReceiveBuffer, as_bytes
 from ._exceptions import (
     CloseReason,
+    ConnectError,
     ConnectionClosed,
     IncompleteMessage,
     ProtocolError,
+    StartTLSRefused,
 )
 from ._receive_direct import large_body, receive_direct
 from ._sending import (
@@ -58,22 +73,27 @@ from ._sending import (
     QueuedSendPath,
     SendQueue,
 )
-from ._transport import Address, StreamTransport, Transport
+from ._transport import Address, PeerCredentials, StreamTransport, Transport
+from ._util import format_address
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
     "DEFAULT_FLUSH_TIMEOUT",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_SEND_QUEUE_SIZE",
     "Connection",
     "ConnectionStatistics",
+    "TlsSettings",
 ]
 
 logger = logging.getLogger("trionet")
 
 #: Sends that may go straight to the kernel before one passes through the scheduler.
 SENDS_PER_YIELD = 256
+#: Seconds a TLS handshake may take, unless the server or the caller says otherwise.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 _DEFAULT_LINES = Lines()
 _DEFAULT_FRAMES = Frames()
@@ -105,6 +125,22 @@ def _checked_framing(framing: Framing | None) -> Framing | None:
     if framing is not None and not isinstance(framing, Lines | Frames):
         raise TypeError(f"framing must be Lines, Frames or None, not {framing!r}")
     return framing
+
+
+@attrs.frozen(kw_only=True)
+class TlsSettings:
+    """What :meth:`Connection.start_tls` uses when the caller does not say:
+    known from how the connection was made.  One object per server (shared
+    by its connections), one per client connection."""
+
+    #: Whether this is the server's side of the connection.
+    server_side: bool
+    #: Seconds the handshake may take.
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    #: Whether a TLS end of stream without close_notify is an error.
+    require_close_notify: bool = False
+    #: The name the server's certificate must carry (client side).
+    server_hostname: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -169,6 +205,12 @@ class Connection:
     instead, even after the peer finished.  A flush that runs out of time
     (``flush_timeout``) closes forcefully, with TIMEOUT.
 
+    :meth:`start_tls` may run in the open state (and after the peer
+    finished, to be refused): while it runs, receives raise
+    :exc:`trio.BusyResourceError` and sends wait; it returns to the open
+    state over TLS, or closes the connection (PROTOCOL_ERROR for unread
+    plaintext, ERROR or TIMEOUT for a handshake that failed).
+
     Args:
         stream: the stream to speak over.  Closing the connection closes it.
         framing: what :meth:`receive`, :meth:`send` and ``async for`` use:
@@ -200,6 +242,7 @@ class Connection:
         "_send_lock",
         "_send_path",
         "_sends_since_yield",
+        "_tls",
         "_transport",
         "_transport_closed",
         "idle_timeout",
@@ -266,6 +309,8 @@ class Connection:
         self._message_started: float | None = None
         self._bytes_received = 0
         self._bytes_sent = 0
+        #: The defaults of start_tls (None: made by hand, the side unknown).
+        self._tls: TlsSettings | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -324,8 +369,24 @@ class Connection:
 
     @property
     def remote_address(self) -> Address | None:
-        """The peer's address as ``getpeername()`` gives it (None off sockets)."""
+        """The peer's address as ``getpeername()`` gives it (None off sockets).
+
+        A UNIX socket's address is its path (``""`` for a client's unnamed
+        end).
+        """
         return self._transport.remote_address
+
+    @property
+    def peer_credentials(self) -> PeerCredentials | None:
+        """The process, user and group at the other end of a UNIX socket,
+        as the kernel recorded them when the connection was made (Linux's
+        ``SO_PEERCRED``).
+
+        None for every other transport (TCP, in-memory streams), and where
+        the operating system does not report them.  Over TLS on a UNIX
+        socket they are those of the socket underneath.
+        """
+        return self._transport.peer_credentials
 
     def as_stream(self) -> ConnectionStream:
         """This connection as a :class:`trio.abc.HalfCloseableStream` (raw
@@ -848,6 +909,187 @@ class Connection:
         if lock is None:
             lock = self._send_lock = trio.StrictFIFOLock()
         return lock
+
+    # -------------------------------------------------------------------- TLS
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_side: bool | None = None,
+        server_hostname: str | None = None,
+        handshake_timeout: float | None = None,
+    ) -> None:
+        """Upgrade the connection to TLS in place (STARTTLS); return once the
+        handshake is done.
+
+        The same connection goes on over TLS: its framing, receive modes,
+        counters, send queue and close reason.  Typically the two sides
+        agree on the upgrade in plaintext first, then both call this::
+
+            # server side, in a handler
+            line = await conn.receive_line()
+            if line == b"STARTTLS":
+                await conn.send_line("220 go ahead")
+                await conn.start_tls(server_context)
+
+            # client side
+            await conn.send_line("STARTTLS")
+            assert (await conn.receive_line()).startswith(b"220")
+            await conn.start_tls(client_context)
+
+        **Nothing unprotected passes for protected.**  If any received byte
+        is still unread when this is called (say, a client that sent
+        ``STARTTLS`` and a command behind it without waiting for the
+        answer), the upgrade is refused: :class:`StartTLSRefused` is raised
+        and the connection closed with :attr:`CloseReason.PROTOCOL_ERROR`.
+        Those bytes came in plaintext, and reading them after the upgrade
+        would let anyone on the path inject commands (CVE-2011-0411).
+
+        **Sends.**  What was sent before this call goes out first, in
+        plaintext (waiting at most ``flush_timeout``, like a close, and at
+        most :attr:`idle_timeout`; then the connection is closed with
+        TIMEOUT).  Sends from other tasks and broadcasts made during the
+        handshake wait, and go out over TLS once it is done.  No receive may
+        run meanwhile (:exc:`trio.BusyResourceError`).
+
+        Args:
+            ssl_context: the TLS settings: a server-side context (with a
+                certificate) on the server's side of the connection, a
+                client-side one on the client's.
+            server_side: which side of the handshake this is.  Known for
+                the connections a server hands to its handler (True) and
+                those :func:`connect_tcp` and :func:`connect_unix` make
+                (False); a :class:`Connection` made by hand must say.
+            server_hostname: the name the server's certificate must carry
+                (client side).  Default: the host given to
+                :func:`connect_tcp`; a UNIX socket has none, so pass one
+                unless the context does not check host names.
+            handshake_timeout: seconds the handshake may take.  Default:
+                the server's ``handshake_timeout`` option for its
+                connections, else 10.
+
+        The rule of the server's ``require_close_notify`` option applies to
+        its connections after the upgrade, as it does to connections that
+        were TLS from the start.  After the upgrade :meth:`send_eof` is
+        refused (TLS cannot half-close).
+
+        Raises:
+            StartTLSRefused: received bytes were still unread (see above).
+            ConnectError: the handshake failed (``.reason`` ERROR, the TLS
+                error as ``__cause__``) or timed out (TIMEOUT); the
+                connection is closed with that reason.  Cancelling the
+                handshake closes the connection too (ERROR): a half-made
+                TLS session cannot be used.
+            ConnectionClosed: the connection is closed, this side has sent
+                its end of stream, or the peer had finished sending.
+            ValueError: ``server_side`` is needed and missing, or
+                ``ssl_context`` does not fit (a client context that checks
+                host names without ``server_hostname``).  The connection is
+                left as it was.
+            trio.BusyResourceError: another task is receiving.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        settings = self._tls
+        if server_side is None:
+            if settings is None:
+                raise ValueError(
+                    "start_tls: pass server_side=True or False; this connection "
+                    "was made by hand, so which side it is is not known"
+                )
+            server_side = settings.server_side
+        if handshake_timeout is None:
+            handshake_timeout = (
+                DEFAULT_HANDSHAKE_TIMEOUT
+                if settings is None
+                else settings.handshake_timeout
+            )
+        elif not handshake_timeout > 0:
+            raise ValueError(
+                f"handshake_timeout must be > 0, not {handshake_timeout!r}"
+            )
+        if not server_side and server_hostname is None and settings is not None:
+            server_hostname = settings.server_hostname
+        if self._receiving:
+            raise trio.BusyResourceError(
+                "another task is receiving; start_tls cannot run beside it"
+            )
+        if self._send_closed:
+            raise self._closed_error()
+        self._unready()
+        unread = len(self._receive_buffer)
+        if unread:
+            logger.info(
+                "%r: refusing to start TLS with %d unread plaintext bytes buffered",
+                self,
+                unread,
+            )
+            self._close_now(CloseReason.PROTOCOL_ERROR)
+            raise StartTLSRefused(unread)
+        if self._eof:
+            self._close_now(CloseReason.CLOSED_BY_HOST)  # (CLOSED_BY_PEER)
+            raise ConnectionClosed(
+                self._reason or CloseReason.CLOSED_BY_PEER,
+                "cannot start TLS: the peer has finished sending",
+            )
+        upgraded = self._transport.upgraded(
+            ssl_context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            require_close_notify=settings is not None and settings.require_close_notify,
+        )
+        path = self._send_path
+        deadline = trio.current_time() + path.limits.flush_timeout
+        if self.idle_timeout is not None:
+            deadline = min(deadline, trio.current_time() + self.idle_timeout)
+        self._receiving = True  # (no receive may run during the upgrade)
+        try:
+            await path.pause(self, deadline)
+            try:
+                self._transport = upgraded
+                await self._handshake(upgraded, handshake_timeout)
+            finally:
+                path.resume(self)
+        finally:
+            self._receiving = False
+        self._batch_ok = True
+
+    async def _handshake(self, transport: StreamTransport, seconds: float) -> None:
+        """Run the TLS handshake of :meth:`start_tls`; on any failure the
+        connection is closed before this raises."""
+        tls = transport.stream
+        assert isinstance(tls, trio.SSLStream)
+        where = format_address(self.remote_address)
+        try:
+            with trio.move_on_after(seconds) as scope:
+                await tls.do_handshake()
+        except _TRANSPORT_ERRORS as exc:
+            if self._transport_closed:  # (closed by another task meanwhile)
+                raise self._closed_error() from exc
+            cause = exc.__cause__ or exc
+            logger.info("%r: TLS handshake failed: %r", self, cause)
+            await self._close_at_once(CloseReason.ERROR)
+            raise ConnectError(
+                CloseReason.ERROR, f"TLS handshake with {where} failed: {cause}"
+            ) from cause
+        except BaseException:
+            await self._close_at_once(CloseReason.ERROR)
+            raise
+        if scope.cancelled_caught:
+            logger.info("%r: TLS handshake timed out", self)
+            await self._close_at_once(CloseReason.TIMEOUT)
+            raise ConnectError(
+                CloseReason.TIMEOUT,
+                f"TLS handshake with {where} timed out after {seconds} s",
+            )
+
+    async def _close_at_once(self, reason: CloseReason) -> None:
+        """:meth:`_close_now`, and wait for a stream that cannot be closed
+        without awaiting (shielded: this may run in a cancelled task)."""
+        self._close_now(reason)
+        if not self._transport.closed:
+            with trio.CancelScope(shield=True):
+                await self._transport.aclose_forcefully()
 
     # ---------------------------------------------------------------- closing
 

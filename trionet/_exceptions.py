@@ -33,6 +33,7 @@ __all__ = [
     "LineTooLong",
     "MessageTooLarge",
     "ProtocolError",
+    "StartTLSRefused",
     "TrionetError",
 ]
 
@@ -121,6 +122,32 @@ class LineTooLong(ProtocolError):
 
 class FrameTooLarge(ProtocolError):
     """A received frame header announces more than :attr:`Frames.max_size`."""
+
+
+class StartTLSRefused(ProtocolError):
+    """Bytes from the peer were still unread when TLS was to start.
+
+    :meth:`Connection.start_tls` refuses to upgrade a connection while any
+    received byte is still buffered, unread: those bytes came in plaintext,
+    and treating them as part of the TLS session would let anyone on the
+    path inject commands that the application then believes were protected
+    (the STARTTLS command-injection hole, CVE-2011-0411).  The connection is
+    closed with :attr:`CloseReason.PROTOCOL_ERROR`; the bytes are never
+    handed over.
+
+    Attributes:
+        buffered (int): how many unread bytes were buffered.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, buffered: int) -> None:
+        self.buffered = buffered
+        super().__init__(
+            f"refused to start TLS: {buffered} bytes the peer sent in plaintext "
+            "were still unread (sent after the request for TLS, before the "
+            "handshake); the connection is closed"
+        )
 
 
 class MessageTooLarge(TrionetError, ValueError):

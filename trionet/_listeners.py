@@ -1,16 +1,47 @@
-"""Binding server sockets: several addresses, one port (TCP and UDP alike)."""
+"""Binding server sockets: several addresses, one port (TCP and UDP alike);
+a UNIX socket's file.
+
+A UNIX socket's file
+--------------------
+``open_unix_listener`` creates the file so that it is never more open than
+``mode``: on Linux the file ``bind()`` creates takes its permission bits from
+the socket's own inode (less the umask), so the socket is ``fchmod``-ed to
+``mode`` before the bind; the file is then ``chmod``-ed to exactly ``mode``
+(adding back what the umask took) before ``listen()``, so nobody can connect
+before the bits are final.  Where ``fchmod`` on a socket fails (not Linux)
+the bind runs under a umask of 0o777 instead (the file starts with no
+permissions at all).
+
+A file already at the path is looked at first.  A socket that refuses a
+connection belongs to a server that is gone and is replaced; one that
+accepts (or whose backlog is full) belongs to a live server and is left
+alone (EADDRINUSE); one we may not even try is not ours to take (the
+error is raised); anything that is not a socket is never touched.  The file
+is removed when the server stops listening, only if it is still the one the
+bind made (same device and inode): a newer server may have replaced it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import socket
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import trio
 
-__all__ = ["DEFAULT_BACKLOG", "bind_sockets", "open_listeners"]
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "UnixSocketFile",
+    "bind_sockets",
+    "open_listeners",
+    "open_unix_listener",
+]
 
 #: listen() backlog when none is given; the kernel caps it (net.core.somaxconn).
 DEFAULT_BACKLOG = 0xFFFF
@@ -95,7 +126,7 @@ async def open_listeners(
     so_rcvbuf: int | None = None,
 ) -> list[socket.socket]:
     """Listening TCP sockets on every address of ``hosts``, all on one port."""
-    options = [(socket.SO_SNDBUF, so_sndbuf), (socket.SO_RCVBUF, so_rcvbuf)]
+    options = _buffer_options(so_sndbuf, so_rcvbuf)
     if sys.platform != "win32":
         options.append((socket.SO_REUSEADDR, 1))
     if reuse_port:
@@ -125,3 +156,136 @@ def reuse_port_option() -> int:
     if option is None:
         raise OSError("reuse_port: this platform has no SO_REUSEPORT")
     return option
+
+
+def _buffer_options(
+    so_sndbuf: int | None, so_rcvbuf: int | None
+) -> list[tuple[int, int | None]]:
+    return [(socket.SO_SNDBUF, so_sndbuf), (socket.SO_RCVBUF, so_rcvbuf)]
+
+
+@attrs.frozen
+class UnixSocketFile:
+    """The file a UNIX listener's bind made, known by device and inode."""
+
+    path: str
+    device: int
+    inode: int
+
+    def remove(self) -> None:
+        """Remove the file if it is still this one (a newer server may have
+        replaced it since)."""
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == (self.device, self.inode):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+#: connect() errors that mean a live server has the path: it accepted, or
+#: its backlog is full.
+_LIVE = {0, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINPROGRESS}
+
+
+def _clear_stale(path: str) -> None:
+    """Remove a socket file left by a server that is gone; refuse to touch
+    anything else at ``path``."""
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(before.st_mode):
+        raise OSError(
+            errno.EEXIST, f"{path} exists and is not a socket; not replacing it"
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        error = probe.connect_ex(path)
+    if error in _LIVE:
+        raise OSError(
+            errno.EADDRINUSE,
+            f"{path} is in use: a server is listening on it; not taking it over",
+        )
+    if error == errno.ENOENT:
+        return  # (gone meanwhile)
+    if error != errno.ECONNREFUSED:
+        raise OSError(
+            error,
+            f"cannot tell whether a server listens on {path} "
+            f"({os.strerror(error)}); not replacing it",
+        )
+    # Nobody listens: a stale file.  Remove it only if it is still the one
+    # that was looked at.
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
+        os.unlink(path)
+
+
+def _bind_with_mode(sock: socket.socket, path: str, mode: int) -> UnixSocketFile:
+    try:
+        os.fchmod(sock.fileno(), mode)
+    except OSError:
+        old = os.umask(0o777)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+    else:
+        sock.bind(path)
+    st = os.lstat(path)
+    made = UnixSocketFile(path, st.st_dev, st.st_ino)
+    try:
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, f"{path} changed hands during the bind")
+        os.chmod(path, mode)
+    except BaseException:
+        made.remove()
+        raise
+    return made
+
+
+def open_unix_listener(
+    path: str | os.PathLike[str],
+    *,
+    mode: int = 0o600,
+    backlog: int | None = None,
+    so_sndbuf: int | None = None,
+    so_rcvbuf: int | None = None,
+) -> tuple[socket.socket, UnixSocketFile]:
+    """A listening UNIX stream socket at ``path``, its file made with
+    ``mode`` (see the top of this module), and that file's identity.
+
+    Raises:
+        OSError: EADDRINUSE for a path a live server listens on, EEXIST for
+            a file that is not a socket, or whatever the bind reports.
+        ValueError: ``mode`` is not a permission mask, or ``path`` is empty
+            or in the abstract namespace.
+    """
+    if not hasattr(socket, "AF_UNIX"):  # pragma: no cover - not on Unix
+        raise OSError(errno.EAFNOSUPPORT, "this system has no UNIX sockets")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path or path.startswith("\0"):
+        raise ValueError(f"path must name a file, not {path!r}")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(f"mode must be permission bits 0..0o777, not {mode!r}")
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    made: UnixSocketFile | None = None
+    try:
+        sock.setblocking(False)
+        for option, value in _buffer_options(so_sndbuf, so_rcvbuf):
+            if value is not None:
+                sock.setsockopt(socket.SOL_SOCKET, option, value)
+        made = _bind_with_mode(sock, path, mode)
+        sock.listen(DEFAULT_BACKLOG if backlog is None else backlog)
+    except BaseException:
+        sock.close()
+        if made is not None:
+            made.remove()
+        raise
+    return sock, made

@@ -335,6 +335,11 @@ def _target(server: ServerTarget) -> tuple[str, int]:
     import trionet
 
     if isinstance(server, trionet.Server):
+        if server.port is None:
+            raise TypeError(
+                f"tcp_client needs a TCP server; {server!r} listens on a UNIX "
+                "socket (connect with trionet.connect_unix(server.path))"
+            )
         host = str(server.addresses[0][0])
         return _WILDCARDS.get(host, host), server.port
     if isinstance(server, tuple) and len(server) == 2:

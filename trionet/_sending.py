@@ -45,6 +45,15 @@ raised in the caller's block are never wrapped in an ExceptionGroup).  Sends
 write under a FIFO lock and return once the kernel took the bytes; a send
 that waits longer than ``idle_timeout`` for the peer to read closes the
 connection with TIMEOUT.
+
+Both paths can ``pause`` and ``resume`` around a change of transport
+(:meth:`Connection.start_tls`).  A writer task, or a send under the lock,
+holds on to the transport it started with, so the old transport must be
+idle before the new one takes over: ``pause`` waits (bounded) until what
+was accepted is written -- the queue drained, or the lock free -- and then
+holds new sends: in a queue that no writer drains, or by keeping the lock.
+``resume`` lets them go, over whatever transport the connection has then.
+A pause is only cancelled before it holds anything.
 """
 
 from __future__ import annotations
@@ -329,6 +338,38 @@ class QueuedSendPath:
                 # what is left cannot be sent.
                 conn._close_now(CloseReason.SHUTDOWN)
 
+    async def pause(self, conn: Connection, deadline: float) -> None:
+        """Write everything accepted so far, then hold new sends (and
+        broadcasts) in a queue that nothing drains until :meth:`resume`: the
+        transport underneath is about to be replaced.  Closes the connection
+        with TIMEOUT if the writing is not done by ``deadline``.
+
+        Raises:
+            ConnectionClosed: the connection is closed, or the deadline passed.
+        """
+        conn._uncork()
+        with trio.move_on_at(deadline) as scope:
+            # (A send may start a new queue while an old one drains.)
+            while (queue := conn._queue) is not None:
+                await queue.drained.wait()
+        if scope.cancelled_caught:
+            conn._close_now(CloseReason.TIMEOUT)
+        if conn._transport_closed:
+            raise conn._closed_error()
+        conn._queue = SendQueue()  # (no writer: held)
+
+    def resume(self, conn: Connection) -> None:
+        """Let what was held since :meth:`pause` go out, over the transport
+        the connection has now."""
+        queue = conn._queue
+        if queue is None or queue.closed:
+            return
+        if queue.items:
+            self.nursery.start_soon(self._writer, conn, queue)
+        else:
+            conn._queue = None
+            queue.drained.set()
+
     async def wait_for_room(
         self, conn: Connection, queue: SendQueue, data: bytes, deadline: float
     ) -> None:
@@ -383,6 +424,29 @@ class LockedSendPath:
             conn._bytes_sent += len(data)
         finally:
             lock.release()
+
+    async def pause(self, conn: Connection, deadline: float) -> None:
+        """Wait for the send under way (if any) to finish, then hold new sends
+        until :meth:`resume`: the transport underneath is about to be
+        replaced.  Closes the connection with TIMEOUT if the send under way
+        has not finished by ``deadline``.
+
+        Raises:
+            ConnectionClosed: the connection is closed, or the deadline passed.
+        """
+        lock = conn._lock()
+        with trio.move_on_at(deadline) as scope:
+            await lock.acquire()
+        if scope.cancelled_caught:
+            conn._close_now(CloseReason.TIMEOUT)
+            raise conn._closed_error()
+        if conn._transport_closed:
+            lock.release()
+            raise conn._closed_error()
+
+    def resume(self, conn: Connection) -> None:
+        """Let the senders held since :meth:`pause` go on."""
+        conn._lock().release()
 
     async def _send_rest(self, conn: Connection, data: bytes | memoryview) -> None:
         deadline = math.inf

@@ -1,8 +1,9 @@
-"""TCP servers: one task per connection in a nursery.
+"""TCP and UNIX socket servers: one task per connection in a nursery.
 
 How this works
 --------------
-``serve_tcp`` opens its listening sockets, reports the :class:`Server` through
+``serve_tcp`` (or ``serve_unix``) opens its listening sockets and hands them
+to ``_serve``, the one body both share: it reports the :class:`Server` through
 ``task_status.started`` and runs an accept loop per socket.  Each accepted
 socket gets a task in the handler nursery, which
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import socket
 import ssl
 from collections import Counter, deque
@@ -43,9 +45,9 @@ import attrs
 import trio
 
 from ._codec import Framing, as_bytes
-from ._connection import Connection
-from ._exceptions import CloseReason, ConnectionClosed, ProtocolError
-from ._listeners import open_listeners
+from ._connection import DEFAULT_HANDSHAKE_TIMEOUT, Connection, TlsSettings
+from ._exceptions import CloseReason, ConnectError, ConnectionClosed, ProtocolError
+from ._listeners import UnixSocketFile, open_listeners, open_unix_listener
 from ._options import non_negative, positive, positive_int, positive_or_none
 from ._sending import (
     DEFAULT_BROADCAST_HEADROOM,
@@ -56,7 +58,7 @@ from ._sending import (
     QueuedSendPath,
     SendLimits,
 )
-from ._transport import Address, SocketTransport, StreamTransport
+from ._transport import Address, SocketTransport, StreamTransport, peer_credentials
 from ._util import (
     call_maybe_async,
     format_address,
@@ -74,7 +76,9 @@ __all__ = [
     "ServerOptions",
     "ServerStatistics",
     "open_tcp_server",
+    "open_unix_server",
     "serve_tcp",
+    "serve_unix",
 ]
 
 logger = logging.getLogger("trionet")
@@ -148,10 +152,11 @@ _ERRORS_KEPT = 100
 
 @attrs.frozen(kw_only=True)
 class ServerOptions:
-    """Everything a TCP server can be configured with.
+    """Everything a TCP or UNIX socket server can be configured with.
 
-    :func:`serve_tcp` and :func:`open_tcp_server` take these as keyword
-    arguments; the class validates them and documents the defaults.
+    :func:`serve_tcp`, :func:`open_tcp_server`, :func:`serve_unix` and
+    :func:`open_unix_server` take these as keyword arguments; the class
+    validates them and documents the defaults.
 
     .. versionadded:: 0.1
     """
@@ -162,7 +167,9 @@ class ServerOptions:
     ssl_context: ssl.SSLContext | None = None
     #: listen() backlog (None: as large as the kernel allows).
     backlog: int | None = None
-    #: Called with the client's address; a false result refuses the client.
+    #: Called with the client's address -- on a UNIX socket server with its
+    #: :class:`PeerCredentials` -- before anything else; a false result
+    #: refuses the client.
     accept: AcceptFilter | None = None
     #: The most connections served at once; at the limit the server stops accepting.
     max_connections: int | None = attrs.field(default=None, validator=positive_or_none)
@@ -197,8 +204,11 @@ class ServerOptions:
     flush_timeout: float = attrs.field(
         default=DEFAULT_FLUSH_TIMEOUT, validator=non_negative
     )
-    #: Seconds allowed for a TLS handshake (TIMEOUT after that).
-    handshake_timeout: float = attrs.field(default=10.0, validator=positive)
+    #: Seconds allowed for a TLS handshake (TIMEOUT after that), at
+    #: connection time with ``ssl_context`` and in :meth:`Connection.start_tls`.
+    handshake_timeout: float = attrs.field(
+        default=DEFAULT_HANDSHAKE_TIMEOUT, validator=positive
+    )
     #: Treat a TLS peer that closes without close_notify as an error (ERROR)
     #: even between messages.  By default that is a clean end (CLOSED_BY_PEER)
     #: at a message boundary, and an error (IncompleteMessage) inside one.
@@ -207,7 +217,7 @@ class ServerOptions:
     on_connect: Hook | None = None
     #: Called with each admitted connection once it is closed (close_reason set).
     on_close: Hook | None = None
-    #: Set SO_REUSEPORT so several processes can listen on one port.
+    #: Set SO_REUSEPORT so several processes can listen on one port (TCP only).
     reuse_port: bool = False
     #: Kernel send buffer (SO_SNDBUF) of every connection; None keeps the
     #: kernel's autotuning.  Smaller bounds memory and finds slow consumers sooner.
@@ -281,7 +291,8 @@ def _own_end(conn: Connection) -> Callable[[BaseException], bool]:
     failure."""
 
     def is_own(exc: BaseException) -> bool:
-        if not isinstance(exc, ConnectionClosed | ProtocolError):
+        # (A ConnectError too: a start_tls whose handshake failed or timed out.)
+        if not isinstance(exc, ConnectionClosed | ProtocolError | ConnectError):
             return False
         return conn.close_reason is not None or (
             conn.eof_received and isinstance(exc, ConnectionClosed)
@@ -291,7 +302,8 @@ def _own_end(conn: Connection) -> Callable[[BaseException], bool]:
 
 
 class Server:
-    """A running TCP server.  Get one from :func:`serve_tcp` or :func:`open_tcp_server`.
+    """A running TCP or UNIX socket server.  Get one from :func:`serve_tcp`,
+    :func:`open_tcp_server`, :func:`serve_unix` or :func:`open_unix_server`.
 
     **Lifecycle.**
 
@@ -313,6 +325,8 @@ class Server:
     :func:`serve_tcp` does the rest, so the shutdown completes even if the
     task that asked for it is cancelled or is one of the handlers.
     Cancelling ``serve_tcp`` itself skips the grace period and the flushes.
+    A UNIX socket server removes its socket file when it enters grace (if
+    the file is still the one it made).
 
     .. versionadded:: 0.1
     """
@@ -323,8 +337,10 @@ class Server:
         handler: Handler,
         options: ServerOptions,
         nursery: trio.Nursery,
+        socket_file: UnixSocketFile | None = None,
     ) -> None:
         self._listeners = listeners
+        self._socket_file = socket_file
         self._handler = handler
         self._options = options
         self._nursery = nursery
@@ -371,10 +387,20 @@ class Server:
         self._bytes_sent = 0
         self._errors: deque[BaseException] = deque(maxlen=_ERRORS_KEPT)
         self._handler_errors = 0
+        # (How start_tls upgrades this server's connections.)
+        self._tls = TlsSettings(
+            server_side=True,
+            handshake_timeout=options.handshake_timeout,
+            require_close_notify=options.require_close_notify,
+        )
         self.addresses: list[Address] = [sock.getsockname() for sock in listeners]
-        """Every bound address, as ``getsockname()`` gives it."""
-        self.port: int = self.addresses[0][1]
-        """The port, the same for every address."""
+        """Every bound address, as ``getsockname()`` gives it (a UNIX socket
+        server's one address is its path)."""
+        first = self.addresses[0]
+        self.port: int | None = None if isinstance(first, str) else first[1]
+        """The port, the same for every address; None for a UNIX socket server."""
+        self.path: str | None = first if isinstance(first, str) else None
+        """The socket file of a UNIX socket server; None for TCP."""
         self.framing = options.framing
         """The framing of every connection (and of :meth:`broadcast`)."""
 
@@ -463,6 +489,8 @@ class Server:
             if sock.fileno() >= 0:
                 trio.lowlevel.notify_closing(sock)
                 sock.close()
+        if self._socket_file is not None:
+            self._socket_file.remove()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         slots = self._slots
@@ -560,7 +588,9 @@ class Server:
         options = self._options
         if options.accept is not None:
             try:
-                address = sock.getpeername()
+                # (A UNIX socket client's address is nearly always empty:
+                # who it is matters.)
+                address = peer_credentials(sock) or sock.getpeername()
                 admitted = await call_maybe_async(options.accept, address)
             except Exception:
                 logger.exception("accept filter failed; refusing the client")
@@ -594,6 +624,7 @@ class Server:
                 tls, require_close_notify=options.require_close_notify
             )
         conn = Connection._over(transport, options.framing, self._send_path)
+        conn._tls = self._tls
         conn.idle_timeout = options.idle_timeout
         conn.message_timeout = options.message_timeout
         conn._on_closed = self
@@ -802,6 +833,93 @@ async def serve_tcp(
         so_sndbuf=opts.so_sndbuf,
         so_rcvbuf=opts.so_rcvbuf,
     )
+    await _serve(handler, listeners, opts, handler_nursery, task_status)
+
+
+async def serve_unix(
+    handler: Handler,
+    path: str | os.PathLike[str],
+    *,
+    mode: int = 0o600,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[_OptionsDict],
+) -> None:
+    """Serve on a UNIX domain socket: :func:`serve_tcp` for local clients.
+
+    The same server in every respect -- options, receive modes, TLS,
+    statistics, shutdown -- listening on a socket file instead of a port::
+
+        server = await nursery.start(
+            functools.partial(trionet.serve_unix, handler, "/run/app.sock")
+        )
+
+    The socket file:
+
+    * is created with the permission bits ``mode`` (default 0o600: only
+      this user may connect), never more open than that, not even for a
+      moment;
+    * replaces a socket file left behind by a server that is gone (nothing
+      accepts connections on it);
+    * is never taken from a live server: if one listens on ``path``, this
+      raises :class:`OSError` (``EADDRINUSE``); a file at ``path`` that is
+      not a socket is never touched (``EEXIST``);
+    * is removed when the server stops listening, if it is still the one
+      this server made.
+
+    The ``accept`` filter gets the client's :class:`PeerCredentials` (pid,
+    uid, gid) where the system reports them (Linux), so that a server can
+    refuse other users; each connection has them as
+    :attr:`Connection.peer_credentials`.  :attr:`Server.port` is None and
+    :attr:`Server.path` the path.
+
+    Args:
+        handler: as for :func:`serve_tcp`.
+        path: where the socket file goes (a path in the file system; the
+            directory must exist).
+        mode: the socket file's permission bits.  Connecting needs write
+            permission: 0o660 lets the file's group in too.
+        handler_nursery: as for :func:`serve_tcp`.
+        **options: see :class:`ServerOptions`; all apply except
+            ``reuse_port``.
+
+    Raises:
+        OSError: the path is in use by a live server (EADDRINUSE), is not a
+            socket (EEXIST), or cannot be bound.
+        ValueError: ``reuse_port`` was given, or ``mode`` or ``path`` is
+            invalid.
+
+    .. versionadded:: 0.1
+    """
+    opts = ServerOptions(**options)
+    if opts.reuse_port:
+        raise ValueError("reuse_port does not apply to UNIX sockets")
+    listener, socket_file = open_unix_listener(
+        path,
+        mode=mode,
+        backlog=opts.backlog,
+        so_sndbuf=opts.so_sndbuf,
+        so_rcvbuf=opts.so_rcvbuf,
+    )
+    try:
+        await _serve(
+            handler, [listener], opts, handler_nursery, task_status, socket_file
+        )
+    finally:
+        socket_file.remove()
+
+
+async def _serve(
+    handler: Handler,
+    listeners: list[socket.socket],
+    opts: ServerOptions,
+    handler_nursery: trio.Nursery | None,
+    task_status: trio.TaskStatus[Server],
+    socket_file: UnixSocketFile | None = None,
+) -> None:
+    """Everything a server does once its listening sockets are open: the
+    body of :func:`serve_tcp` and :func:`serve_unix` alike.  The listeners
+    are closed when this returns, however it ends."""
     server: Server | None = None
     try:
         # (An error of the backplane at start, or of an accept loop, reaches
@@ -809,7 +927,11 @@ async def serve_tcp(
         with unwrap_single_exception():
             async with trio.open_nursery() as own_nursery:
                 server = Server(
-                    listeners, handler, opts, handler_nursery or own_nursery
+                    listeners,
+                    handler,
+                    opts,
+                    handler_nursery or own_nursery,
+                    socket_file,
                 )
                 if opts.backplane is not None:
                     await own_nursery.start(
@@ -865,5 +987,32 @@ async def open_tcp_server(
     """
     async with server_in_block(
         serve_tcp, handler, port, host=host, **options
+    ) as server:
+        yield server
+
+
+@asynccontextmanager
+async def open_unix_server(
+    handler: Handler,
+    path: str | os.PathLike[str],
+    *,
+    mode: int = 0o600,
+    **options: Unpack[_OptionsDict],
+) -> AsyncIterator[Server]:
+    """A UNIX domain socket server scoped to an ``async with`` block.
+
+    ::
+
+        async with trionet.open_unix_server(handler, "/tmp/app.sock") as server:
+            async with trionet.connect_unix(server.path) as conn:
+                ...
+
+    Leaving the block shuts the server down gracefully and removes the
+    socket file.  Takes the same arguments as :func:`serve_unix`.
+
+    .. versionadded:: 0.1
+    """
+    async with server_in_block(
+        serve_unix, handler, path, mode=mode, **options
     ) as server:
         yield server

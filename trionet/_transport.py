@@ -34,21 +34,71 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import trio
 import trio.testing
 
 from ._codec import ReceiveBuffer
 
-__all__ = ["Address", "SocketTransport", "StreamTransport", "Transport"]
+__all__ = [
+    "Address",
+    "PeerCredentials",
+    "SocketTransport",
+    "StreamTransport",
+    "Transport",
+    "check_server_hostname",
+    "peer_credentials",
+]
 
-#: A socket address as ``getsockname()`` gives it.
-Address: TypeAlias = tuple[Any, ...]
+#: A socket address as ``getsockname()`` gives it: a tuple for IPv4 and IPv6,
+#: a path for a UNIX socket (an empty string for an unnamed one).
+Address: TypeAlias = tuple[Any, ...] | str
+
+
+class PeerCredentials(NamedTuple):
+    """Who is at the other end of a UNIX socket, as the kernel saw it when
+    the connection was made (``SO_PEERCRED``).
+
+    .. versionadded:: 0.1
+    """
+
+    #: The peer's process ID.
+    pid: int
+    #: The peer's effective user ID.
+    uid: int
+    #: The peer's effective group ID.
+    gid: int
+
+
+_PEERCRED = getattr(socket, "SO_PEERCRED", None)
+_PEERCRED_FORMAT = "3i"
+
+
+def peer_credentials(
+    sock: socket.socket | trio.socket.SocketType,
+) -> PeerCredentials | None:
+    """The credentials of a connected UNIX socket's peer; None for any other
+    socket, a closed one, or where the system has no ``SO_PEERCRED``."""
+    family = getattr(socket, "AF_UNIX", None)
+    if _PEERCRED is None or family is None or sock.family != family:
+        return None
+    try:
+        raw = sock.getsockopt(
+            socket.SOL_SOCKET, _PEERCRED, struct.calcsize(_PEERCRED_FORMAT)
+        )
+    except OSError:
+        return None
+    return PeerCredentials(*struct.unpack(_PEERCRED_FORMAT, raw))
+
 
 #: Bytes asked of the kernel per receive.
 RECEIVE_SIZE = 65536
+
+#: (local address, remote address, peer credentials) of a transport.
+_Endpoints: TypeAlias = tuple[Address | None, Address | None, PeerCredentials | None]
 
 _scratch = threading.local()
 
@@ -66,8 +116,9 @@ class Transport:
     __slots__ = ("_addresses", "closed", "ragged_eof")
 
     def __init__(self) -> None:
-        # (local, remote), looked up when first asked for (or at close).
-        self._addresses: tuple[Address | None, Address | None] | None = None
+        # (local, remote, peer credentials), looked up when first asked for
+        # (or at close).
+        self._addresses: _Endpoints | None = None
         #: Whether the stream has been closed for good (no descriptor left).
         self.closed = False
         #: Whether the end of stream was a TLS stream cut without close_notify.
@@ -81,14 +132,18 @@ class Transport:
     def remote_address(self) -> Address | None:
         return self._get_addresses()[1]
 
-    def _get_addresses(self) -> tuple[Address | None, Address | None]:
+    @property
+    def peer_credentials(self) -> PeerCredentials | None:
+        return self._get_addresses()[2]
+
+    def _get_addresses(self) -> _Endpoints:
         addresses = self._addresses
         if addresses is None:
             addresses = self._addresses = self._look_up_addresses()
         return addresses
 
-    def _look_up_addresses(self) -> tuple[Address | None, Address | None]:
-        return None, None
+    def _look_up_addresses(self) -> _Endpoints:
+        return None, None, None
 
     async def receive_into(
         self, buffer: ReceiveBuffer, into: memoryview | None = None
@@ -148,18 +203,64 @@ class Transport:
         """Close at once, sending nothing more."""
         raise NotImplementedError
 
+    def trio_stream(self) -> trio.abc.Stream:
+        """The bytes underneath as a trio stream, for a layer on top (TLS).
+        The transport itself must not be used afterwards."""
+        raise NotImplementedError
 
-def _addresses(
-    sock: socket.socket | trio.socket.SocketType,
-) -> tuple[Address | None, Address | None]:
+    def upgraded(
+        self,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None,
+        require_close_notify: bool,
+    ) -> StreamTransport:
+        """A TLS transport over the same bytes (no handshake yet): the one
+        that replaces this transport once :meth:`Connection.start_tls` has
+        made sure nothing is buffered or queued.
+
+        Raises:
+            ValueError: ``ssl_context`` does not fit the side (e.g. a client
+                context that checks host names, without ``server_hostname``).
+        """
+        check_server_hostname(ssl_context, server_side, server_hostname)
+        tls = trio.SSLStream(
+            self.trio_stream(),
+            ssl_context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+        )
+        upgraded = StreamTransport(tls, require_close_notify=require_close_notify)
+        upgraded._addresses = self._addresses
+        return upgraded
+
+
+def check_server_hostname(
+    ssl_context: ssl.SSLContext, server_side: bool, server_hostname: str | None
+) -> None:
+    """Refuse a client-side context that checks host names when there is no
+    name to check (the ssl module would not say so before the handshake).
+
+    Raises:
+        ValueError: a client context with ``check_hostname`` and no name.
+    """
+    if not server_side and server_hostname is None and ssl_context.check_hostname:
+        raise ValueError(
+            "this TLS context checks the server's host name: pass "
+            "server_hostname (the name its certificate must carry)"
+        )
+
+
+def _addresses(sock: socket.socket | trio.socket.SocketType) -> _Endpoints:
     if sock.fileno() < 0:
-        return None, None
+        return None, None, None
     local = sock.getsockname()
     try:
         remote = sock.getpeername()
     except OSError:
         remote = None
-    return local, remote
+    return local, remote, peer_credentials(sock)
 
 
 class SocketTransport(Transport):
@@ -174,7 +275,7 @@ class SocketTransport(Transport):
         self._sock = sock
         super().__init__()
 
-    def _look_up_addresses(self) -> tuple[Address | None, Address | None]:
+    def _look_up_addresses(self) -> _Endpoints:
         return _addresses(self._sock)
 
     @property
@@ -249,6 +350,11 @@ class SocketTransport(Transport):
     async def aclose_forcefully(self) -> None:
         await self.aclose()
 
+    def trio_stream(self) -> trio.abc.Stream:
+        # The same socket object, from now on driven by trio's SocketStream
+        # (which sets TCP_NODELAY only where it applies).
+        return trio.SocketStream(trio.socket.from_stdlib_socket(self._sock))
+
 
 _MEMORY_STREAMS = (trio.testing.MemorySendStream, trio.testing.MemoryReceiveStream)
 
@@ -294,9 +400,9 @@ class StreamTransport(Transport):
         self._require_close_notify = require_close_notify
         super().__init__()
 
-    def _look_up_addresses(self) -> tuple[Address | None, Address | None]:
+    def _look_up_addresses(self) -> _Endpoints:
         sock = _find_socket(self._stream)
-        return (None, None) if sock is None else _addresses(sock)
+        return (None, None, None) if sock is None else _addresses(sock)
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -361,6 +467,9 @@ class StreamTransport(Transport):
         self._get_addresses()
         await trio.aclose_forcefully(self._stream)
         self.closed = True
+
+    def trio_stream(self) -> trio.abc.Stream:
+        return self._stream
 
 
 def _is_tls_eof(exc: BaseException | None) -> bool:

@@ -2,12 +2,13 @@
 
 Every server is its own process, started by ``benchmarks/run.py`` as::
 
-    python benchmarks/servers/<stack>.py lines|frames [--profile FILE]
+    python benchmarks/servers/<stack>.py lines|frames [--profile FILE] [--unix PATH]
 
 It listens on 127.0.0.1 (an ephemeral port), prints ``PORT <n>`` once it is
-listening, echoes 64-byte lines (newline-terminated) or 4-byte big-endian
-length-prefixed frames, and exits at once on SIGINT or SIGTERM (after
-writing its cProfile statistics, when ``--profile`` was given).
+listening (with ``--unix``, where a server supports it: on a UNIX socket at
+PATH, and prints ``UNIX <path>``), echoes 64-byte lines (newline-terminated)
+or 4-byte big-endian length-prefixed frames, and exits at once on SIGINT or
+SIGTERM (after writing its cProfile statistics, when ``--profile`` was given).
 
 The hand-written parsers used by the bare trio server (and by the codec
 benchmark as the baseline) live here too.
@@ -48,18 +49,23 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, *, unix: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("mode", choices=("lines", "frames"))
     parser.add_argument(
         "--profile", metavar="FILE", help="run under cProfile, dump stats at exit"
     )
+    if unix:
+        parser.add_argument(
+            "--unix", metavar="PATH", help="listen on a UNIX socket at PATH instead"
+        )
     return parser.parse_args()
 
 
-def setup(description: str) -> argparse.Namespace:
-    """Parse argv, raise the fd limit, install exit handlers, maybe start profiling."""
-    args = parse_args(description)
+def setup(description: str, *, unix: bool = False) -> argparse.Namespace:
+    """Parse argv (``unix``: the server takes ``--unix PATH``), raise the fd
+    limit, install exit handlers, maybe start profiling."""
+    args = parse_args(description, unix=unix)
     raise_fd_limit()
     profiler = cProfile.Profile() if args.profile else None
 
@@ -80,6 +86,12 @@ def setup(description: str) -> argparse.Namespace:
 def announce(port: int) -> None:
     """Tell the runner where we listen."""
     sys.stdout.write(f"PORT {port}\n")
+    sys.stdout.flush()
+
+
+def announce_unix(path: str) -> None:
+    """Tell the runner we listen on the UNIX socket ``path``."""
+    sys.stdout.write(f"UNIX {path}\n")
     sys.stdout.flush()
 
 

@@ -1,4 +1,5 @@
-"""trionet echo server: trionet.serve_tcp with Lines() or Frames().
+"""trionet echo server: trionet.serve_tcp with Lines() or Frames() -- or, with
+``--unix PATH``, trionet.serve_unix on that socket file.
 
 The handler is the one a user writes: ``async for m in conn: await conn.send(m)``.
 """
@@ -18,26 +19,26 @@ async def handle(conn: trionet.Connection) -> None:
         await conn.send(message)
 
 
-async def main(mode: str) -> None:
+async def main(mode: str, unix: str | None) -> None:
     framing = (
         trionet.Lines(max_length=_common.MAX_LINE)
         if mode == "lines"
         else trionet.Frames(max_size=_common.MAX_FRAME)
     )
+    if unix is None:
+        serve = functools.partial(trionet.serve_tcp, handle, 0, host="127.0.0.1")
+    else:
+        serve = functools.partial(trionet.serve_unix, handle, unix)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
-            functools.partial(
-                trionet.serve_tcp,
-                handle,
-                0,
-                host="127.0.0.1",
-                framing=framing,
-                backlog=_common.BACKLOG,
-            )
+            functools.partial(serve, framing=framing, backlog=_common.BACKLOG)
         )
-        _common.announce(server.port)
+        if unix is None:
+            _common.announce(server.port)
+        else:
+            _common.announce_unix(server.path)
 
 
 if __name__ == "__main__":
-    args = _common.setup(__doc__ or "")
-    trio.run(main, args.mode)
+    args = _common.setup(__doc__ or "", unix=True)
+    trio.run(main, args.mode, args.unix)

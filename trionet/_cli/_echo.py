@@ -1,4 +1,5 @@
-"""``trionet echo``: an echo server over TCP (line, frame or raw) or UDP.
+"""``trionet echo``: an echo server over TCP or a UNIX socket (line, frame or
+raw) or UDP.
 
 It prints ``listening on HOST:PORT (...)`` as its first line on stdout, then
 serves until SIGINT or SIGTERM, shuts down gracefully (the server stops
@@ -61,18 +62,24 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         help="run an echo server",
         description=(
             "Run an echo server that sends every message back as it came.  "
-            "Prints 'listening on HOST:PORT' on stdout, stops gracefully on "
-            "Ctrl-C (SIGINT) or SIGTERM."
+            "Prints 'listening on HOST:PORT' (or the --unix PATH) on stdout, "
+            "stops gracefully on Ctrl-C (SIGINT) or SIGTERM."
         ),
     )
     parser.add_argument(
         "--host",
         type=parse_host,
-        default="127.0.0.1",
+        default=None,
         help="address to listen on; IPv6 with or without brackets (127.0.0.1)",
     )
     parser.add_argument(
-        "--port", type=parse_port, default=0, help="port; 0 picks a free one (0)"
+        "--port", type=parse_port, default=None, help="port; 0 picks a free one (0)"
+    )
+    parser.add_argument(
+        "--unix",
+        metavar="PATH",
+        help="listen on a UNIX socket at PATH (mode 0600: this user only) "
+        "instead of a TCP port",
     )
     parser.add_argument(
         "--framing",
@@ -137,6 +144,8 @@ class _Options:
     tls_key: str | None
     grace_period: float
     verbose: bool
+    #: A UNIX socket path to listen on instead of host and port.
+    unix: str | None = None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,9 +159,20 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--tls-cert/--tls-key do not apply to --udp")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
+    if args.unix is not None:
+        if args.host is not None or args.port is not None:
+            raise UsageError("--unix replaces --host and --port: give one or the other")
+        if args.udp:
+            raise UsageError("--unix does not apply to --udp: it serves a stream")
+        if args.workers > 1:
+            raise UsageError(
+                "--workers does not apply to --unix: processes share a port "
+                "with SO_REUSEPORT, which UNIX sockets do not have"
+            )
     options = _Options(
-        host=args.host,
-        port=args.port,
+        host="127.0.0.1" if args.host is None else args.host,
+        port=0 if args.port is None else args.port,
+        unix=args.unix,
         udp=args.udp,
         framing_name=args.framing or "line",
         tls_cert=args.tls_cert,
@@ -172,15 +192,23 @@ def _load_tls(options: _Options) -> ssl.SSLContext | None:
     return _ssl_context(options.tls_cert, options.tls_key)
 
 
+def _who(conn: trionet.Connection) -> str:
+    """The client: its address, or on a UNIX socket its process and user."""
+    credentials = conn.peer_credentials
+    if credentials is not None:
+        return f"pid {credentials.pid} uid {credentials.uid}"
+    return format_address(conn.remote_address)
+
+
 def _log_connect(conn: trionet.Connection) -> None:
-    say(f"connect {format_address(conn.remote_address)}")
+    say(f"connect {_who(conn)}")
 
 
 def _log_close(conn: trionet.Connection) -> None:
     reason = conn.close_reason.name if conn.close_reason else "?"
     stats = conn.statistics()
     say(
-        f"close {format_address(conn.remote_address)}: {reason} "
+        f"close {_who(conn)}: {reason} "
         f"({stats.bytes_received} B in, {stats.bytes_sent} B out)"
     )
 
@@ -234,27 +262,39 @@ async def _start_server(
             framing = trionet.Lines()
         elif options.framing_name == "frame":
             framing = trionet.Frames()
-        server = await nursery.start(
-            partial(
+        handler = _echo_raw if framing is None else _echo_messages
+        if options.unix is not None:
+            serve = partial(trionet.serve_unix, handler, options.unix)
+            what = "tls over unix" if context else "unix"
+        else:
+            serve = partial(
                 trionet.serve_tcp,
-                _echo_raw if framing is None else _echo_messages,
+                handler,
                 port,
                 host=options.host,
+                reuse_port=reuse_port,
+            )
+            what = "tls" if context else "tcp"
+        server = await nursery.start(
+            partial(
+                serve,
                 framing=framing,
                 ssl_context=context,
                 grace_period=options.grace_period,
-                reuse_port=reuse_port,
                 on_connect=_log_connect if options.verbose else None,
                 on_close=_log_close if options.verbose else None,
             )
         )
     except OSError as exc:
         raise _cannot_listen(options, port, exc) from exc
-    return server, ("tls" if context else "tcp") + f", {options.framing_name} framing"
+    return server, f"{what}, {options.framing_name} framing"
 
 
 def _cannot_listen(options: _Options, port: int, exc: OSError) -> CliError:
-    where = format_address((options.host, port))
+    if options.unix is not None:
+        where = options.unix
+    else:
+        where = format_address((options.host, port))
     return CliError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 

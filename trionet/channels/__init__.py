@@ -18,8 +18,11 @@ from ._redis import BackplaneStatistics as BackplaneStatistics
 from ._redis import RedisBackplane as RedisBackplane
 from ._server import ChannelServer as ChannelServer
 from ._server import connect_channels as connect_channels
+from ._server import connect_unix_channels as connect_unix_channels
 from ._server import open_channel_server as open_channel_server
+from ._server import open_unix_channel_server as open_unix_channel_server
 from ._server import serve_channels as serve_channels
+from ._server import serve_unix_channels as serve_unix_channels
 from ._wire import MAX_NAME_LENGTH as MAX_NAME_LENGTH
 from ._wire import VERSION as VERSION
 

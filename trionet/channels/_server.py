@@ -1,4 +1,5 @@
-"""Channel servers and clients: serve_tcp / connect_tcp speaking named channels.
+"""Channel servers and clients: serve_tcp / connect_tcp (or their UNIX socket
+twins) speaking named channels.
 
 How this works
 --------------
@@ -23,21 +24,34 @@ SLOW_CONSUMER.
 
 :func:`connect_channels` opens a client connection and runs the reader task
 for the duration of its block, again unwrapping one-exception groups.
+
+The UNIX socket functions (``serve_unix_channels``, ``open_unix_channel_server``,
+``connect_unix_channels``) are the same code over :func:`trionet.serve_unix`
+and :func:`trionet.connect_unix`: only the function that listens (or
+connects) differs.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
 import trio
 
-from .._client import connect_tcp
+from .._client import connect_tcp, connect_unix
 from .._connection import Connection
-from .._server import Server, ServerStatistics, _TransportOptionsDict, serve_tcp
+from .._server import (
+    Server,
+    ServerStatistics,
+    _TransportOptionsDict,
+    serve_tcp,
+    serve_unix,
+)
 from .._transport import Address
 from .._util import server_in_block
 from ._connection import (
@@ -54,7 +68,15 @@ from ._wire import encode
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["ChannelServer", "connect_channels", "open_channel_server", "serve_channels"]
+__all__ = [
+    "ChannelServer",
+    "connect_channels",
+    "connect_unix_channels",
+    "open_channel_server",
+    "open_unix_channel_server",
+    "serve_channels",
+    "serve_unix_channels",
+]
 
 ChannelHandler: TypeAlias = Callable[[ChannelConnection], Awaitable[object]]
 
@@ -89,9 +111,14 @@ class ChannelServer:
         return self._tcp
 
     @property
-    def port(self) -> int:
-        """The port, the same for every address."""
+    def port(self) -> int | None:
+        """The port, the same for every address; None on a UNIX socket."""
         return self._tcp.port
+
+    @property
+    def path(self) -> str | None:
+        """The socket file of a UNIX socket server; None for TCP."""
+        return self._tcp.path
 
     @property
     def addresses(self) -> list[Address]:
@@ -247,15 +274,74 @@ async def serve_channels(
         policy=policy,
         max_channels=max_channels,
     )
+    await _serve(
+        partial(serve_tcp, port=port, host=host),
+        handler,
+        settings,
+        handler_nursery,
+        task_status,
+        options,
+    )
+
+
+async def _serve(
+    serve: Callable[..., Awaitable[object]],
+    handler: ChannelHandler,
+    settings: _Settings,
+    handler_nursery: trio.Nursery | None,
+    task_status: trio.TaskStatus[ChannelServer],
+    options: _TcpOptions,
+) -> None:
+    """Run ``serve`` (serve_tcp or serve_unix, its address bound) with a
+    channel handler: the body of every channel server."""
     channel_server = ChannelServer(handler, settings)
-    await serve_tcp(
+    await serve(
         channel_server._handle,
-        port,
-        host=host,
         handler_nursery=handler_nursery,
         framing=settings.framing,
         task_status=_StartedAs(channel_server, task_status),
         **options,
+    )
+
+
+async def serve_unix_channels(
+    handler: ChannelHandler,
+    path: str | os.PathLike[str],
+    *,
+    mode: int = 0o600,
+    handler_nursery: trio.Nursery | None = None,
+    max_size: int = DEFAULT_MAX_SIZE,
+    channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+    policy: Policy = "block",
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+    task_status: trio.TaskStatus[ChannelServer] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[_TcpOptions],
+) -> None:
+    """Serve named channels on a UNIX domain socket: :func:`serve_channels`
+    listening on the socket file ``path`` instead of a port.
+
+    The socket file is made, replaced and removed as
+    :func:`trionet.serve_unix` does (``mode`` default 0o600: only this user
+    may connect); every other argument is as for :func:`serve_channels`
+    (``reuse_port`` does not apply).
+
+    .. versionadded:: 0.1
+    """
+    settings = _Settings(
+        max_size=max_size,
+        channel_buffer=channel_buffer,
+        max_buffered_bytes=max_buffered_bytes,
+        policy=policy,
+        max_channels=max_channels,
+    )
+    await _serve(
+        partial(serve_unix, path=path, mode=mode),
+        handler,
+        settings,
+        handler_nursery,
+        task_status,
+        options,
     )
 
 
@@ -293,6 +379,40 @@ async def open_channel_server(
         handler,
         port,
         host=host,
+        max_size=max_size,
+        channel_buffer=channel_buffer,
+        max_buffered_bytes=max_buffered_bytes,
+        policy=policy,
+        max_channels=max_channels,
+        **options,
+    ) as server:
+        yield server
+
+
+@asynccontextmanager
+async def open_unix_channel_server(
+    handler: ChannelHandler,
+    path: str | os.PathLike[str],
+    *,
+    mode: int = 0o600,
+    max_size: int = DEFAULT_MAX_SIZE,
+    channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+    policy: Policy = "block",
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+    **options: Unpack[_TcpOptions],
+) -> AsyncIterator[ChannelServer]:
+    """A channel server on a UNIX domain socket, scoped to an ``async with``
+    block: :func:`open_channel_server` on the socket file ``path``.  Takes
+    the same arguments as :func:`serve_unix_channels`.
+
+    .. versionadded:: 0.1
+    """
+    async with server_in_block(
+        serve_unix_channels,
+        handler,
+        path,
+        mode=mode,
         max_size=max_size,
         channel_buffer=channel_buffer,
         max_buffered_bytes=max_buffered_bytes,
@@ -351,7 +471,7 @@ async def connect_channels(
         policy=policy,
         max_channels=max_channels,
     )
-    conn = await connect_tcp(
+    connect = connect_tcp(
         host,
         port,
         framing=settings.framing,
@@ -359,6 +479,65 @@ async def connect_channels(
         server_hostname=server_hostname,
         connect_timeout=connect_timeout,
     )
-    cc = ChannelConnection._create(conn, settings)
-    async with cc._running(close=True):
+    async with _channels_over(await connect, settings) as cc:
         yield cc
+
+
+@asynccontextmanager
+async def connect_unix_channels(
+    path: str | os.PathLike[str],
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    channel_buffer: int = DEFAULT_CHANNEL_BUFFER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+    policy: Policy = "block",
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    connect_timeout: float = 10.0,
+) -> AsyncIterator[ChannelConnection]:
+    """Connect to a channel server on a UNIX domain socket; use with
+    ``async with``, as :func:`connect_channels`.
+
+    ::
+
+        async with trionet.channels.connect_unix_channels("/run/app.sock") as cc:
+            print(await cc.receive("news"))
+
+    Args:
+        path: the server's socket file.
+        max_size, channel_buffer, max_buffered_bytes, policy, max_channels:
+            see :class:`ChannelConnection`.
+        ssl_context, server_hostname, connect_timeout: as for
+            :func:`trionet.connect_unix` (a socket file has no host name:
+            give ``server_hostname`` for TLS).
+
+    Raises:
+        ConnectError: connecting failed (see :func:`trionet.connect_unix`).
+
+    .. versionadded:: 0.1
+    """
+    settings = _Settings(
+        max_size=max_size,
+        channel_buffer=channel_buffer,
+        max_buffered_bytes=max_buffered_bytes,
+        policy=policy,
+        max_channels=max_channels,
+    )
+    connect = connect_unix(
+        path,
+        framing=settings.framing,
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
+        connect_timeout=connect_timeout,
+    )
+    async with _channels_over(await connect, settings) as cc:
+        yield cc
+
+
+def _channels_over(
+    conn: Connection, settings: _Settings
+) -> AbstractAsyncContextManager[ChannelConnection]:
+    """Channels over a client connection just made: the reader task runs
+    while the block does, and the connection is closed after it."""
+    return ChannelConnection._create(conn, settings)._running(close=True)

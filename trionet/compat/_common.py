@@ -152,7 +152,9 @@ class CompatServer:
     @property
     def port(self) -> int:
         """The port, the same for every address."""
-        return self.tcp_server.port
+        port = self.tcp_server.port
+        assert port is not None  # (compat servers listen on TCP)
+        return port
 
     @property
     def addresses(self) -> list[Address]:

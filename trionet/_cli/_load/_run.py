@@ -66,7 +66,7 @@ class LoadResult:
         spec = self.spec
         return {
             "target": spec.target,
-            "transport": "udp" if spec.udp else "tcp",
+            "transport": spec.transport,
             "connections": spec.connections,
             "messages": self.messages,
             "errors": dict(sorted(self.errors.items())),
@@ -99,8 +99,10 @@ async def _open_all(
     try:
         first = await opener(spec, stack)
     except OSError as exc:  # ConnectError (it names the OS's reason), or a UDP bind
-        # connect_tcp writes the address as host:port; ours brackets IPv6.
-        message = str(exc).replace(f"{spec.host}:{spec.port}", spec.target, 1)
+        message = str(exc)
+        if spec.path is None:
+            # connect_tcp writes the address as host:port; ours brackets IPv6.
+            message = message.replace(f"{spec.host}:{spec.port}", spec.target, 1)
         raise CliError(message) from exc
     if isinstance(first, trionet.Datagram):
         await probe_udp(spec, first)
@@ -293,10 +295,9 @@ def print_result(result: LoadResult) -> None:
     spec = result.spec
     p = result.percentiles()
     errors = ", ".join(f"{name} {n}" for name, n in sorted(result.errors.items()))
-    transport = "udp" if spec.udp else "tcp"
     rate = f", rate {spec.rate:g}/s" if spec.rate else ""
     print(
-        f"trionet load {spec.target}: {transport}, {spec.framing_name} framing, "
+        f"trionet load {spec.target}: {spec.transport}, {spec.framing_name} framing, "
         f"{spec.connections} connections, {spec.size} B messages, "
         f"pipeline {spec.pipeline}{rate}",
         flush=True,

@@ -48,6 +48,8 @@ class LoadSpec:
 
     host: str
     port: int
+    #: A UNIX socket path to load instead of ``host``/``port``.
+    path: str | None = None
     connections: int = 50
     #: Total messages across all connections (None with ``duration``).
     messages: int | None = 10000
@@ -88,8 +90,18 @@ class LoadSpec:
 
     @property
     def target(self) -> str:
-        """The server's address as HOST:PORT (an IPv6 host in brackets)."""
+        """The server's address as HOST:PORT (an IPv6 host in brackets), or
+        its UNIX socket path."""
+        if self.path is not None:
+            return self.path
         return format_address((self.host, self.port))
+
+    @property
+    def transport(self) -> str:
+        """ "tcp", "udp" or "unix"."""
+        if self.path is not None:
+            return "unix"
+        return "udp" if self.udp else "tcp"
 
 
 # ------------------------------------------------------------------ checks
@@ -146,8 +158,14 @@ def add_arguments(parser: Parser) -> None:
     parser.add_argument(
         "target",
         type=parse_host_port,
+        nargs="?",
         metavar="HOST:PORT",
         help="the echo server (IPv6 in brackets: [::1]:8000)",
+    )
+    parser.add_argument(
+        "--unix",
+        metavar="PATH",
+        help="load the echo server on this UNIX socket instead of HOST:PORT",
     )
     parser.add_argument(
         "--connections",
@@ -229,7 +247,13 @@ def add_arguments(parser: Parser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> LoadSpec:
     """The :class:`LoadSpec` the command-line options describe."""
-    host, port = args.target
+    if (args.target is None) == (args.unix is None):
+        raise UsageError("give the server as HOST:PORT or as --unix PATH (one of them)")
+    host, port = args.target or ("", 0)
+    if args.udp and args.unix is not None:
+        raise UsageError(
+            "--udp does not apply to --unix: UNIX sockets here are streams"
+        )
     if args.udp and args.framing is not None:
         raise UsageError("--framing does not apply to --udp: a datagram is a message")
     messages = args.messages
@@ -238,6 +262,7 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
     return LoadSpec(
         host=host,
         port=port,
+        path=args.unix,
         connections=args.connections,
         messages=messages,
         duration=args.duration,

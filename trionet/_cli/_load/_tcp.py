@@ -1,4 +1,5 @@
-"""One TCP connection of a load run: ping-pong, or a pipelined sender and receiver."""
+"""One TCP (or UNIX socket) connection of a load run: ping-pong, or a pipelined
+sender and receiver."""
 
 from __future__ import annotations
 
@@ -22,10 +23,17 @@ CONNECT_TIMEOUT = 10.0
 
 
 async def connect_tcp(spec: LoadSpec, stack: AsyncExitStack) -> trionet.Connection:
-    """Open one connection to the target; ``stack`` closes it."""
+    """Open one connection to the target (over TCP or a UNIX socket);
+    ``stack`` closes it."""
     framing: trionet.Framing = (
         trionet.Lines() if spec.framing == "line" else trionet.Frames()
     )
+    if spec.path is not None:
+        return await stack.enter_async_context(
+            trionet.connect_unix(
+                spec.path, framing=framing, connect_timeout=CONNECT_TIMEOUT
+            )
+        )
     connect = trionet.connect_tcp(
         spec.host, spec.port, framing=framing, connect_timeout=CONNECT_TIMEOUT
     )
