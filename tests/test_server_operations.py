@@ -449,3 +449,29 @@ async def test_max_connections_with_a_listener_nobody_uses() -> None:
             for _ in range(3):
                 async with trionet.connect_tcp("127.0.0.1", server.port) as conn:
                     assert await conn.receive_line() == b"hello"
+
+
+async def test_a_refused_client_that_already_sent_data_gets_an_end_not_a_reset() -> (
+    None
+):
+    refused = trio.Event()
+
+    async def refuse(address: object) -> bool:
+        await refused.wait()  # the client's bytes are in by now
+        return False
+
+    async def never(conn: trionet.Connection) -> None:
+        raise AssertionError("a refused client's handler ran")
+
+    with trio.fail_after(10):
+        async with trionet.open_tcp_server(
+            never, host="127.0.0.1", accept=refuse
+        ) as server:
+            async with trionet.connect_tcp("127.0.0.1", server.port) as conn:
+                await conn.send_all(b"hello before the verdict\n" * 100)
+                await trio.testing.wait_all_tasks_blocked()
+                refused.set()
+                # A FIN: a clean end of stream, not ConnectionClosed(ERROR)
+                # from a reset.
+                assert await conn.receive_some() == b""
+    assert server.statistics().closed == {CloseReason.REJECTED: 1}

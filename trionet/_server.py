@@ -30,6 +30,7 @@ by ``flush_timeout``) and returns when all are closed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -598,6 +599,7 @@ class Server:
             if not admitted:
                 self._rejected += 1
                 self._closed[CloseReason.REJECTED] += 1
+                _refuse(sock)
                 return None
         if options.ssl_context is None:
             transport: SocketTransport | StreamTransport = SocketTransport(sock)
@@ -777,6 +779,33 @@ class Server:
             self._hard_deadline = hard
             for scope in self._cleanup_scopes:
                 scope.deadline = min(scope.deadline, hard)
+
+
+#: Bytes a refused client may have sent that are read and discarded, so that
+#: closing its socket sends a FIN rather than a reset.
+_REFUSED_DRAIN = 256 * 1024
+
+
+def _refuse(sock: socket.socket) -> None:
+    """End a refused client's connection with a FIN where the kernel allows.
+
+    Closing a socket with unread bytes makes the kernel answer with a reset,
+    which the client sees as an error, not as the end of the stream.  So
+    read (and drop) what it already sent, up to a bound, then send the FIN;
+    the caller closes the socket.
+    """
+    try:
+        sock.setblocking(False)
+        left = _REFUSED_DRAIN
+        while left > 0:
+            data = sock.recv(min(left, 65536))
+            if not data:
+                break
+            left -= len(data)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # (BlockingIOError once drained, or a client gone)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
 
 
 def _accept_nowait(listener: socket.socket) -> tuple[socket.socket, Address]:
