@@ -16,7 +16,7 @@ import trio
 from ._codec import Framing
 from ._connection import Connection, TlsSettings
 from ._exceptions import CloseReason, ConnectError
-from ._transport import SocketTransport, StreamTransport, check_server_hostname
+from ._transport import SocketTransport, Transport, check_server_hostname
 from ._util import format_address
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -79,25 +79,29 @@ async def _connect(
             raise ConnectError(
                 CloseReason.ERROR, f"cannot connect to {where}: {_why(exc)}"
             ) from exc
+        plain = SocketTransport.from_trio_socket(stream.socket)
         if ssl_context is None:
-            conn = Connection._over(
-                SocketTransport.from_trio_socket(stream.socket), framing
-            )
+            conn = Connection._over(plain, framing)
             conn._tls = tls_settings
             return conn
+        transport: Transport = plain
         try:
-            tls = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname)
-            await tls.do_handshake()
+            transport = plain.upgraded(
+                ssl_context,
+                server_side=False,
+                server_hostname=server_hostname,
+                require_close_notify=require_close_notify,
+            )
+            await transport.do_handshake()
         except (trio.BrokenResourceError, OSError) as exc:
-            await trio.aclose_forcefully(stream)
+            await transport.aclose_forcefully()
             cause = exc.__cause__ or exc
             raise ConnectError(
                 CloseReason.ERROR, f"TLS handshake with {where} failed: {cause}"
             ) from cause
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            await transport.aclose_forcefully()
             raise
-        transport = StreamTransport(tls, require_close_notify=require_close_notify)
         conn = Connection._over(transport, framing)
         conn._tls = tls_settings
         return conn

@@ -983,10 +983,11 @@ class Connection:
                 TLS session cannot be used.
             ConnectionClosed: the connection is closed, this side has sent
                 its end of stream, or the peer had finished sending.
-            ValueError: ``server_side`` is needed and missing, or
+            ValueError: ``server_side`` is needed and missing,
                 ``ssl_context`` does not fit (a client context that checks
-                host names without ``server_hostname``).  The connection is
-                left as it was.
+                host names without ``server_hostname``), or the connection
+                already speaks TLS over its socket.  The connection is left
+                as it was.
             trio.BusyResourceError: another task is receiving.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -1054,15 +1055,13 @@ class Connection:
             self._receiving = False
         self._batch_ok = True
 
-    async def _handshake(self, transport: StreamTransport, seconds: float) -> None:
+    async def _handshake(self, transport: Transport, seconds: float) -> None:
         """Run the TLS handshake of :meth:`start_tls`; on any failure the
         connection is closed before this raises."""
-        tls = transport.stream
-        assert isinstance(tls, trio.SSLStream)
         where = format_address(self.remote_address)
         try:
             with trio.move_on_after(seconds) as scope:
-                await tls.do_handshake()
+                await transport.do_handshake()
         except _TRANSPORT_ERRORS as exc:
             if self._transport_closed:  # (closed by another task meanwhile)
                 raise self._closed_error() from exc

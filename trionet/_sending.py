@@ -250,14 +250,18 @@ class QueuedSendPath:
         if queue is not None:  # (already accepted: not subject to the bounds)
             queue.append(data)
             return
+        transport = conn._transport
         try:
-            sent = conn._transport.send_nowait(data)
+            sent = transport.send_nowait(data)
         except _TRANSPORT_ERRORS as exc:
             raise conn._broken(exc) from exc
         conn._bytes_sent += sent
-        if sent < len(data):
+        if sent < len(data) or transport.has_backlog:
+            # (The backlog: TLS records the kernel did not take, at most one
+            # write's worth.  The writer sends it before the queue.)
             queue = conn._queue = SendQueue()
-            queue.append(memoryview(data)[sent:] if sent else data)
+            if sent < len(data):
+                queue.append(memoryview(data)[sent:] if sent else data)
             self.nursery.start_soon(self._writer, conn, queue)
 
     def offer(self, conn: Connection, data: bytes) -> bool:
@@ -298,7 +302,7 @@ class QueuedSendPath:
                 queue.scope = scope
                 if queue.closed:
                     return
-                while items:
+                while items or transport.has_backlog:
                     batch: list[bytes | memoryview] = []
                     size = 0
                     while items and size < MAX_BATCH_BYTES:
@@ -315,6 +319,7 @@ class QueuedSendPath:
                         batch.append(item)
                         size += len(item)
                     data = batch[0] if len(batch) == 1 else b"".join(batch)
+                    # (No batch: only the transport's backlog to write.)
                     queue.in_flight = len(batch)
                     try:
                         await transport.send_all(data)
@@ -415,7 +420,7 @@ class LockedSendPath:
             transport = conn._transport
             try:
                 sent = transport.send_nowait(data)
-                if sent < len(data):
+                if sent < len(data) or transport.has_backlog:
                     await self._send_rest(
                         conn, memoryview(data)[sent:] if sent else data
                     )

@@ -59,7 +59,7 @@ from ._sending import (
     QueuedSendPath,
     SendLimits,
 )
-from ._transport import Address, SocketTransport, StreamTransport, peer_credentials
+from ._transport import Address, SocketTransport, TlsTransport, peer_credentials
 from ._util import (
     call_maybe_async,
     format_address,
@@ -602,17 +602,18 @@ class Server:
                 _refuse(sock)
                 return None
         if options.ssl_context is None:
-            transport: SocketTransport | StreamTransport = SocketTransport(sock)
+            transport: SocketTransport = SocketTransport(sock)
         else:
-            tls = trio.SSLStream(
-                trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+            transport = TlsTransport(
+                sock,
                 options.ssl_context,
                 server_side=True,
+                require_close_notify=options.require_close_notify,
             )
             reason = None
             with trio.move_on_after(options.handshake_timeout) as scope:
                 try:
-                    await tls.do_handshake()
+                    await transport.do_handshake()
                 except (trio.BrokenResourceError, OSError) as exc:
                     logger.info("TLS handshake failed: %r", exc.__cause__ or exc)
                     reason = CloseReason.ERROR
@@ -622,9 +623,6 @@ class Server:
             if reason is not None:
                 self._closed[reason] += 1
                 return None
-            transport = StreamTransport(
-                tls, require_close_notify=options.require_close_notify
-            )
         conn = Connection._over(transport, options.framing, self._send_path)
         conn._tls = self._tls
         conn.idle_timeout = options.idle_timeout
