@@ -46,7 +46,7 @@ import operator
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -125,6 +125,67 @@ def _checked_framing(framing: Framing | None) -> Framing | None:
     if framing is not None and not isinstance(framing, Lines | Frames):
         raise TypeError(f"framing must be Lines, Frames or None, not {framing!r}")
     return framing
+
+
+def _frames_of(framing: Framing | None) -> Frames | None:
+    return framing if isinstance(framing, Frames) else None
+
+
+def _encode_many(
+    framing: Framing | None, messages: Iterable[BytesLike | str]
+) -> tuple[bytes, int]:
+    """Every message of ``messages`` encoded and joined, and how many there
+    were; the same checks (and errors) as ``framing.encode`` for each."""
+    payloads = [m if type(m) is bytes else as_bytes(m) for m in messages]
+    if not payloads:
+        return b"", 0
+    if framing is None:
+        return b"".join(payloads), len(payloads)
+    if isinstance(framing, Frames):
+        limit = framing.max_size
+        header = framing.header_size
+    else:
+        limit = framing.max_length
+        delimiter = framing.delimiter
+        if _overlaps_itself(delimiter):
+            return b"".join(map(framing.encode, payloads)), len(payloads)
+    if max(map(len, payloads)) > limit:
+        # (The first one too large raises, as its own encode would.)
+        for payload in payloads:
+            framing.encode(payload)
+    if isinstance(framing, Frames):
+        parts: list[bytes] = []
+        append = parts.append
+        for payload in payloads:
+            append(len(payload).to_bytes(header, "big"))
+            append(payload)
+        return b"".join(parts), len(payloads)
+    wire = delimiter.join(payloads) + delimiter
+    # A delimiter that does not overlap itself is found exactly once per
+    # line unless a line contains it.
+    if wire.count(delimiter) != len(payloads):
+        for payload in payloads:
+            framing.encode(payload)  # raises ValueError for the first bad one
+    return wire, len(payloads)
+
+
+def _overlaps_itself(delimiter: bytes) -> bool:
+    return any(delimiter[:k] == delimiter[-k:] for k in range(1, len(delimiter)))
+
+
+class _Batches:
+    """What :meth:`Connection.batches` returns: an async iterator of batches."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    def __anext__(self) -> Coroutine[object, None, list[bytes]]:
+        return self._conn._next_batch(True)
 
 
 @attrs.frozen(kw_only=True)
@@ -767,6 +828,63 @@ class Connection:
             raise StopAsyncIteration
         return message
 
+    # ---------------------------------------------------------------- batches
+
+    async def receive_batch(self) -> list[bytes]:
+        """Receive every whole message already received, at least one: a
+        list of messages of :attr:`framing`, in order.
+
+        For throughput: one call (and one pass through the scheduler at
+        most) per received chunk instead of per message.  A batch holds what
+        arrived, so it is bounded by the bytes received, never by a count
+        the peer chose.  With ``framing=None`` a batch is one chunk of raw
+        bytes.  Messages before a bad one (a line too long, a frame too
+        large) are returned first; the call after raises.  A cancelled call
+        loses nothing.
+
+        Raises:
+            ConnectionClosed: the stream ended (CLOSED_BY_PEER) or the
+                connection is closed.
+            IncompleteMessage: the stream ended inside a message.
+            ProtocolError: as :meth:`receive` (the connection is closed).
+
+        .. versionadded:: 0.1
+        """
+        return await self._next_batch(False)
+
+    def batches(self) -> AsyncIterator[list[bytes]]:
+        """``async for batch in conn.batches()``: :meth:`receive_batch` in
+        a loop, ending when the peer closes cleanly between messages (as
+        ``async for message in conn`` does)::
+
+            async for batch in conn.batches():
+                await conn.send_many(batch)
+
+        .. versionadded:: 0.1
+        """
+        return _Batches(self)
+
+    async def _next_batch(self, iterating: bool) -> list[bytes]:
+        ready = self._ready
+        if ready is not None and not self._transport_closed:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._ready is ready:  # (a receive in another task may take it)
+                self._ready = None
+                return list(ready)
+        result = await self._receive_message(
+            self._extract_all, _frames_of(self._framing), iterating=iterating
+        )
+        # (A large frame received outside the buffer comes back alone.)
+        return result if isinstance(result, list) else [result]
+
+    def _extract_all(self, buffer: ReceiveBuffer) -> list[bytes] | None:
+        if not buffer:
+            return None
+        framing = self._framing
+        if framing is None:
+            return [buffer.extract_some()]
+        return framing.extract_all(buffer) or None
+
     # ---------------------------------------------------------------- sending
 
     async def send_all(self, data: BytesLike) -> None:
@@ -826,6 +944,45 @@ class Connection:
             self._sends_since_yield = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    async def send_many(self, messages: Iterable[BytesLike | str]) -> None:
+        """Send messages of :attr:`framing` (raw bytes when it is None), in
+        order, joined into as few writes as possible.
+
+        The counterpart of :meth:`receive_batch` for throughput: the
+        messages are encoded and checked first (nothing is sent if any is
+        refused), then handed on as one unit.  **Either every message is
+        accepted or none is**: if this raises -- cancelled while it waits
+        for room, or the connection closed -- none of them was accepted, and
+        if it returns all were.  On a connection a server handed to its
+        handler the batch counts as its messages and bytes against
+        ``send_queue_size`` and ``send_queue_bytes`` and waits, whole, until
+        the queue is under both bounds (so it may go over them by one
+        batch); a wait longer than :attr:`idle_timeout` closes the
+        connection with TIMEOUT.  On a client connection the call returns
+        once the kernel has taken every byte; as with :meth:`send`, a
+        cancellation while it takes them closes the connection (ERROR), since
+        part of a message may be on the wire.
+
+        Raises:
+            ValueError, MessageTooLarge: a message cannot be encoded (as
+                :meth:`send`); nothing was sent.
+            ConnectionClosed: the connection is closed, or this side already
+                sent its end of stream.
+
+        .. versionadded:: 0.1
+        """
+        data, count = _encode_many(self._framing, messages)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not count:
+            return
+        path = self._send_path
+        if not path.try_push_many(self, data, count):
+            await path.send_slow(self, data, count)
+        self._sends_since_yield += count
+        if self._sends_since_yield >= SENDS_PER_YIELD:
+            self._sends_since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
     async def _send(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self._send_path.try_push(self, data):
@@ -841,7 +998,9 @@ class Connection:
             self._cork = None
             path = self._send_path
             assert isinstance(path, QueuedSendPath)
-            path.write_or_queue(self, cork[0] if len(cork) == 1 else b"".join(cork))
+            path.write_or_queue(
+                self, cork[0] if len(cork) == 1 else b"".join(cork), len(cork)
+            )
 
     def _uncork_soon(self) -> None:
         # Runs from the scheduler once the corking task has yielded.
