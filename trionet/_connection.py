@@ -55,6 +55,7 @@ import trio
 
 from ._as_stream import ConnectionStream
 from ._codec import Frames, Framing, Lines, ReceiveBuffer, as_bytes
+from ._codec._buffer import large_frame_end
 from ._exceptions import (
     CloseReason,
     ConnectError,
@@ -92,6 +93,9 @@ logger = logging.getLogger("trionet")
 
 #: Sends that may go straight to the kernel before one passes through the scheduler.
 SENDS_PER_YIELD = 256
+#: A frame payload of at least this many bytes is sent after its header with
+#: one scatter-gather write instead of being joined to it (a copy).
+SCATTER_MIN = 16 * 1024
 #: Seconds a TLS handshake may take, unless the server or the caller says otherwise.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
@@ -653,14 +657,26 @@ class Connection:
                 try:
                     if not waited:
                         await trio.lowlevel.cancel_shielded_checkpoint()
-                    count = self._transport.receive_nowait(buffer)
-                    if count is None:
+                    chunk = self._transport.receive_chunk_nowait()
+                    if chunk is None:
                         await trio.lowlevel.wait_readable(sock)
                         waited = True
                         continue
                 except _TRANSPORT_ERRORS as exc:
                     raise self._broken(exc) from exc
                 waited = False
+                count = len(chunk)
+                if frames is not None and count and not buffer:
+                    # A large frame that arrived whole at the front of the
+                    # chunk is copied out of it once, not into the buffer
+                    # and out again; the rest is buffered (no await between).
+                    end = large_frame_end(chunk, frames.header_size, frames.max_size)
+                    if end:
+                        buffer.feed(chunk[end:])
+                        self._filled(count)
+                        self._message_started = None
+                        return bytes(chunk[frames.header_size : end])
+                buffer.feed(chunk)
                 self._filled(count)
         except ConnectionClosed as exc:
             raise _iteration_end(exc, iterating) from exc.__cause__
@@ -910,7 +926,10 @@ class Connection:
         framing = (
             self._framing if isinstance(self._framing, Frames) else _DEFAULT_FRAMES
         )
-        await self._send(framing.encode(data))
+        if type(data) is bytes and len(data) >= SCATTER_MIN:
+            await self._send_parts(framing.header(len(data)), data)
+        else:
+            await self._send(framing.encode(data))
 
     async def send(self, message: BytesLike | str) -> None:
         """Send one message of :attr:`framing` (raw bytes when it is None).
@@ -926,6 +945,13 @@ class Connection:
                 sent its end of stream (:meth:`send_eof`).
         """
         framing = self._framing
+        if (
+            type(framing) is Frames
+            and type(message) is bytes
+            and len(message) >= SCATTER_MIN
+        ):
+            await self._send_parts(framing.header(len(message)), message)
+            return
         data = as_bytes(message) if framing is None else framing.encode(message)
         # (_send's body, inlined, and try_push's corked case too: this is
         # the hottest path of a server that answers pipelined requests, and a
@@ -979,6 +1005,18 @@ class Connection:
         if not path.try_push_many(self, data, count):
             await path.send_slow(self, data, count)
         self._sends_since_yield += count
+        if self._sends_since_yield >= SENDS_PER_YIELD:
+            self._sends_since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_parts(self, header: bytes, payload: bytes) -> None:
+        # A large frame: its header and payload go out with one sendmsg
+        # where possible, so the payload is never copied.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        path = self._send_path
+        if not path.try_push_parts(self, header, payload):
+            await path.send_slow(self, header, 1, payload)
+        self._sends_since_yield += 1
         if self._sends_since_yield >= SENDS_PER_YIELD:
             self._sends_since_yield = 0
             await trio.lowlevel.cancel_shielded_checkpoint()

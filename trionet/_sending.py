@@ -255,8 +255,45 @@ class QueuedSendPath:
         self.write_or_queue(conn, data, count)
         return True
 
-    async def send_slow(self, conn: Connection, data: bytes, count: int = 1) -> None:
-        """Wait for room in the queue (backpressure), at most ``idle_timeout``."""
+    def try_push_parts(self, conn: Connection, header: bytes, payload: bytes) -> bool:
+        """:meth:`try_push` for one message in two parts (a frame's header
+        and a large payload), written with one scatter-gather ``sendmsg``
+        when it can go straight to the kernel: the payload is not copied.
+        Corked or queued, it is joined as any message."""
+        if (
+            conn._cork is not None
+            or conn._queue is not None
+            or conn._ready
+            or conn._receive_buffer
+        ):
+            return self.try_push(conn, header + payload)
+        if conn._send_closed:
+            raise conn._closed_error()
+        transport = conn._transport
+        try:
+            sent = transport.send_parts_nowait(header, payload)
+        except _TRANSPORT_ERRORS as exc:
+            raise conn._broken(exc) from exc
+        conn._bytes_sent += sent
+        size = len(header) + len(payload)
+        if sent < size or transport.has_backlog:
+            queue = conn._queue = SendQueue()
+            if sent < size:
+                queue.append(_unsent(header, payload, sent))
+            self.nursery.start_soon(self._writer, conn, queue)
+        return True
+
+    async def send_slow(
+        self,
+        conn: Connection,
+        data: bytes,
+        count: int = 1,
+        payload: bytes | None = None,
+    ) -> None:
+        """Wait for room in the queue (backpressure), at most ``idle_timeout``.
+        (With ``payload``, ``data`` is the header of a two-part message.)"""
+        if payload is not None:
+            data += payload
         queue = conn._queue
         assert queue is not None
         deadline = math.inf
@@ -442,8 +479,19 @@ class LockedSendPath:
     def try_push_many(self, conn: Connection, data: bytes, count: int) -> bool:
         return self.try_push(conn, data)
 
-    async def send_slow(self, conn: Connection, data: bytes, count: int = 1) -> None:
-        """Send under the lock; return once the kernel took every byte."""
+    def try_push_parts(self, conn: Connection, header: bytes, payload: bytes) -> bool:
+        return self.try_push(conn, header)
+
+    async def send_slow(
+        self,
+        conn: Connection,
+        data: bytes,
+        count: int = 1,
+        payload: bytes | None = None,
+    ) -> None:
+        """Send under the lock; return once the kernel took every byte.
+        (With ``payload``, ``data`` is the header of a two-part message,
+        written with one scatter-gather ``sendmsg``.)"""
         lock = conn._lock()
         if lock.locked():
             await lock.acquire()
@@ -453,15 +501,18 @@ class LockedSendPath:
             if conn._send_closed:
                 raise conn._closed_error()
             transport = conn._transport
+            size = len(data)
             try:
-                sent = transport.send_nowait(data)
-                if sent < len(data) or transport.has_backlog:
-                    await self._send_rest(
-                        conn, memoryview(data)[sent:] if sent else data
-                    )
+                if payload is None:
+                    sent = transport.send_nowait(data)
+                else:
+                    sent = transport.send_parts_nowait(data, payload)
+                    size += len(payload)
+                if sent < size or transport.has_backlog:
+                    await self._send_rest(conn, _unsent(data, payload, sent))
             except _TRANSPORT_ERRORS as exc:
                 raise conn._broken(exc) from exc
-            conn._bytes_sent += len(data)
+            conn._bytes_sent += size
         finally:
             lock.release()
 
@@ -504,6 +555,16 @@ class LockedSendPath:
             # The peer read nothing for idle_timeout.
             conn._close_now(CloseReason.TIMEOUT)
             raise conn._closed_error()
+
+
+def _unsent(data: bytes, payload: bytes | None, sent: int) -> bytes | memoryview:
+    """What is left of ``data`` (and ``payload`` after it) once ``sent``
+    bytes went out, copying only when not even ``data`` went whole."""
+    if payload is None:
+        return memoryview(data)[sent:] if sent else data
+    if sent < len(data):
+        return data[sent:] + payload
+    return memoryview(payload)[sent - len(data) :]
 
 
 LOCKED = LockedSendPath()

@@ -104,7 +104,7 @@ def peer_credentials(
 
 
 #: Bytes asked of the kernel per receive.
-RECEIVE_SIZE = 65536
+RECEIVE_SIZE = 256 * 1024
 
 #: (local address, remote address, peer credentials) of a transport.
 _Endpoints: TypeAlias = tuple[Address | None, Address | None, PeerCredentials | None]
@@ -173,11 +173,23 @@ class Transport:
         """:meth:`receive_into` without waiting: None if nothing has arrived."""
         raise NotImplementedError
 
+    def receive_chunk_nowait(self) -> memoryview | None:
+        """One chunk from the :attr:`fast_socket`, without waiting: a view of
+        the thread's scratch buffer (empty at end of stream), valid only
+        until the next receive, so use it before anything awaits; None if
+        nothing has arrived."""
+        raise NotImplementedError
+
     def send_nowait(self, data: bytes | memoryview) -> int:
         """Send what the kernel takes now, without waiting; return the byte
         count accepted.  Accepted bytes may still wait in the transport
         (TLS records the kernel did not take): see :attr:`has_backlog`."""
         raise NotImplementedError
+
+    def send_parts_nowait(self, header: bytes, payload: bytes) -> int:
+        """:meth:`send_nowait` of ``header + payload``, without joining them
+        where the transport can (a scatter-gather ``sendmsg``)."""
+        return self.send_nowait(header + payload)
 
     @property
     def has_backlog(self) -> bool:
@@ -327,6 +339,14 @@ class SocketTransport(Transport):
             buffer.feed(view[:count])
         return count
 
+    def receive_chunk_nowait(self) -> memoryview | None:
+        view = _scratch_view()
+        try:
+            count = self._sock.recv_into(view)
+        except BlockingIOError:
+            return None
+        return view[:count]
+
     async def receive_into(
         self, buffer: ReceiveBuffer, into: memoryview | None = None
     ) -> int:
@@ -340,6 +360,12 @@ class SocketTransport(Transport):
     def send_nowait(self, data: bytes | memoryview) -> int:
         try:
             return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    def send_parts_nowait(self, header: bytes, payload: bytes) -> int:
+        try:
+            return self._sock.sendmsg((header, payload))
         except BlockingIOError:
             return 0
 
@@ -693,6 +719,11 @@ class TlsTransport(SocketTransport):
             if not self._flush_nowait():
                 break
         return accepted
+
+    def send_parts_nowait(self, header: bytes, payload: bytes) -> int:
+        # (Never SocketTransport's sendmsg: that would send plaintext.  One
+        # write of both: the encryption copies anyway.)
+        return self.send_nowait(header + payload)
 
     async def send_all(self, data: bytes | memoryview) -> None:
         if self._send_busy:
