@@ -665,23 +665,32 @@ class Connection:
                 except _TRANSPORT_ERRORS as exc:
                     raise self._broken(exc) from exc
                 waited = False
-                count = len(chunk)
-                if frames is not None and count and not buffer:
-                    # A large frame that arrived whole at the front of the
-                    # chunk is copied out of it once, not into the buffer
-                    # and out again; the rest is buffered (no await between).
-                    end = large_frame_end(chunk, frames.header_size, frames.max_size)
-                    if end:
-                        buffer.feed(chunk[end:])
-                        self._filled(count)
-                        self._message_started = None
-                        return bytes(chunk[frames.header_size : end])
-                buffer.feed(chunk)
-                self._filled(count)
+                # (A helper, so that the frame an idle connection waits in
+                # holds no more locals than it needs.)
+                message = self._take_chunk(chunk, frames)
+                if message is not None:
+                    return message
         except ConnectionClosed as exc:
             raise _iteration_end(exc, iterating) from exc.__cause__
         finally:
             self._receiving = False
+
+    def _take_chunk(self, chunk: memoryview, frames: Frames | None) -> bytes | None:
+        """Buffer a received chunk (of the thread's scratch buffer); return
+        the large frame at its front if it arrived whole: copied out of the
+        chunk once, not into the buffer and out again."""
+        count = len(chunk)
+        buffer = self._receive_buffer
+        if frames is not None and count and not buffer:
+            end = large_frame_end(chunk, frames.header_size, frames.max_size)
+            if end:
+                buffer.feed(chunk[end:])
+                self._filled(count)
+                self._message_started = None
+                return bytes(chunk[frames.header_size : end])
+        buffer.feed(chunk)
+        self._filled(count)
+        return None
 
     async def receive_line(self) -> bytes:
         """Receive one line, without its delimiter.
