@@ -187,8 +187,8 @@ _AGAIN = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 def _receive(sock: socket.socket, scratch: bytearray) -> int:
     """Read what is there now into ``scratch``: -1 if nothing, 0 at the end.
 
-    Over TLS, reads decrypted records until the SSL layer wants more bytes
-    (a record may be buffered inside it with none left in the kernel)."""
+    Over TLS, also reads what the SSL layer has already decrypted (epoll
+    cannot see it); records still in the kernel wake epoll again."""
     try:
         count = sock.recv_into(scratch)
     except _AGAIN:
@@ -196,11 +196,8 @@ def _receive(sock: socket.socket, scratch: bytearray) -> int:
     if count == 0 or not isinstance(sock, ssl.SSLSocket):
         return count
     view = memoryview(scratch)
-    while count < len(scratch):
-        try:
-            more = sock.recv_into(view[count:])
-        except _AGAIN:
-            break
+    while count < len(scratch) and sock.pending():
+        more = sock.recv_into(view[count:])
         if more == 0:
             break
         count += more

@@ -113,8 +113,9 @@ _scratch = threading.local()
 
 
 def _scratch_view() -> memoryview:
-    view: memoryview | None = getattr(_scratch, "view", None)
-    if view is None:
+    try:
+        view: memoryview = _scratch.view
+    except AttributeError:
         view = _scratch.view = memoryview(bytearray(RECEIVE_SIZE))
     return view
 
@@ -600,10 +601,17 @@ class TlsTransport(SocketTransport):
     def receive_nowait(
         self, buffer: ReceiveBuffer, into: memoryview | None = None
     ) -> int | None:
-        while (count := self._decrypt(buffer, into)) is None:
-            if not self._recv_ciphertext():
-                return None
-        return count
+        incoming = self._incoming
+        if incoming.pending or incoming.eof or self._eof or self._ssl.pending():
+            count = self._decrypt(buffer, into)
+            if count is not None:
+                return count
+        # (Nothing new to decrypt before a recv: no failing read.)
+        while self._recv_ciphertext():
+            count = self._decrypt(buffer, into)
+            if count is not None:
+                return count
+        return None
 
     async def receive_into(
         self, buffer: ReceiveBuffer, into: memoryview | None = None
@@ -622,8 +630,6 @@ class TlsTransport(SocketTransport):
             return 0
         sslobj = self._ssl
         incoming = self._incoming
-        if not incoming.pending and not sslobj.pending() and not incoming.eof:
-            return None  # (nothing new to decrypt: save a failing read)
         view = _scratch_view() if into is None else into
         total = 0
         try:
@@ -677,20 +683,22 @@ class TlsTransport(SocketTransport):
         """Write the ciphertext the kernel takes now; True if none is left."""
         self._held = 0
         sock = self._sock
+        data: bytes | memoryview | None = self._pending
         while True:
-            data = self._pending
             if data is None:
                 if not self._outgoing.pending:
                     return True
-                data = memoryview(self._outgoing.read())
+                data = self._outgoing.read()
             try:
                 sent = sock.send(data)
             except BlockingIOError:
                 sent = 0
             if sent < len(data):
-                self._pending = data[sent:]
+                self._pending = memoryview(data)[sent:]
                 return False
-            self._pending = None
+            if self._pending is None:
+                return True  # (read() took everything the BIO held)
+            self._pending = data = None
 
     async def _flush(self) -> None:
         while not self._flush_nowait():
