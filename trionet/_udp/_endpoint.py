@@ -7,11 +7,12 @@ A :class:`Datagram` owns one bound UDP socket and drives it as a non-blocking
 stdlib socket (the fast path described in ``_common``): a receive calls
 ``recvfrom`` at once and waits for the socket to become readable only
 when the kernel has nothing; a send calls ``sendto`` at once and waits only
-when the kernel refuses.  Between two waits a receive loop passes through
-trio's scheduler once per ``SCHEDULE_EVERY`` (32) datagrams, not once per
-datagram.  Addresses from ``receive_from`` go back to ``sendto`` as they are;
-anything that needs a name lookup (``send_to(data, ("localhost", 9))``) is
-sent through trio's socket, which resolves it without blocking.
+when the kernel refuses.  Between two waits, receives and sends that did
+not wait pass through trio's scheduler once per ``SCHEDULE_EVERY`` (64)
+calls, not once per call.  Addresses from ``receive_from`` go back to
+``sendto`` as they are; anything that needs a name lookup
+(``send_to(data, ("localhost", 9))``) is sent through trio's socket, which
+resolves it without blocking.
 
 Every receive reads into one reusable buffer of ``max_size + 1`` bytes, so a
 datagram that does not fit in ``max_size`` always shows itself (it fills the
@@ -133,7 +134,7 @@ class Datagram(trio.abc.AsyncResource):
 
     Every receive and send is a cancel point; one that the kernel can serve
     at once does not wait, and passes through trio's scheduler only every
-    32nd time (so a busy endpoint never starves other tasks).  A cancelled
+    64th time (so a busy endpoint never starves other tasks).  A cancelled
     receive has taken no datagram, a cancelled send has sent nothing.
 
     Concurrent calls are fine: sends and receives each queue in FIFO order.
