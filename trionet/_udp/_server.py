@@ -123,6 +123,10 @@ logger = logging.getLogger("trionet")
 
 # Looked up once: these are on the path of every datagram.
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+_reschedule = trio.lowlevel.reschedule
+_ABORTED = trio.lowlevel.Abort.SUCCEEDED
 
 UdpHandler: TypeAlias = Callable[["UdpPeer"], Awaitable[object]]
 _Item: TypeAlias = bytes | DatagramTooLarge
@@ -340,12 +344,12 @@ class UdpPeer:
         taken.  The idle watcher (or any close) ends the wait by closing the
         peer.
         """
-        task = trio.lowlevel.current_task()
+        task = _current_task()
         receivers = self._receivers
 
         def abort(raise_cancel: object) -> trio.lowlevel.Abort:
             receivers.remove(task)
-            return trio.lowlevel.Abort.SUCCEEDED
+            return _ABORTED
 
         while True:
             if self._close_reason is not None:
@@ -353,7 +357,7 @@ class UdpPeer:
             if self._server._idle_timeout is not None:
                 self._server._watch(self)
             receivers.append(task)
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            await _wait_task_rescheduled(abort)
             self._pacer.refill()
             if self._queue:
                 return self._take()
@@ -692,7 +696,7 @@ class UdpServer:
         receive = sock.recvfrom
         bufsize = max_size + 1
         peers = self._peers
-        reschedule = trio.lowlevel.reschedule
+        reschedule = _reschedule
         item: _Item
         while True:
             now = trio.current_time()  # one reading for the whole batch
@@ -829,7 +833,7 @@ class UdpServer:
         peer._queued_bytes = 0
         self._waiting.pop(peer, None)
         while peer._receivers:
-            trio.lowlevel.reschedule(peer._receivers.popleft())
+            _reschedule(peer._receivers.popleft())
 
 
 async def serve_udp(
