@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable, Generator
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -112,17 +112,27 @@ async def _connect(
     )
 
 
-class _Connecting:
-    """``await`` it for the connection, or use it with ``async with``."""
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
 
-    def __init__(self, connect: Callable[[], Awaitable[Connection]]) -> None:
+
+_C = TypeVar("_C", bound=_Closable)
+
+
+class Connecting(Generic[_C]):
+    """What every ``connect_*`` returns: ``await`` it for the connection, or
+    use it with ``async with`` (which closes the connection at the end).  No
+    background task either way, so exceptions raised in the block reach the
+    caller as themselves."""
+
+    def __init__(self, connect: Callable[[], Awaitable[_C]]) -> None:
         self._connect = connect
-        self._conn: Connection | None = None
+        self._conn: _C | None = None
 
-    def __await__(self) -> Generator[Any, None, Connection]:
+    def __await__(self) -> Generator[Any, None, _C]:
         return self._connect().__await__()
 
-    async def __aenter__(self) -> Connection:
+    async def __aenter__(self) -> _C:
         self._conn = await self._connect()
         return self._conn
 
@@ -136,7 +146,7 @@ class _Connecting:
         await self._conn.aclose()
 
 
-class connect_tcp(_Connecting):
+class connect_tcp(Connecting[Connection]):
     """Connect to a TCP server; use with ``async with`` or ``await``.
 
     ::
@@ -203,7 +213,7 @@ class connect_tcp(_Connecting):
         )
 
 
-class connect_unix(_Connecting):
+class connect_unix(Connecting[Connection]):
     """Connect to a UNIX domain socket server; use with ``async with`` or
     ``await``, as :func:`connect_tcp`.
 

@@ -155,12 +155,16 @@ class MessageTooLarge(TrionetError, ValueError):
 
 
 class ConnectError(TrionetError, OSError):
-    """Connecting failed.
+    """Connecting failed (or, for :meth:`Connection.start_tls`, upgrading).
 
     Attributes:
-        reason (CloseReason): :attr:`~CloseReason.TIMEOUT` for a connect
-            timeout, :attr:`~CloseReason.ERROR` otherwise (the :class:`OSError`
-            is the ``__cause__``).
+        reason (CloseReason): :attr:`~CloseReason.TIMEOUT` for a connect or
+            handshake timeout, :attr:`~CloseReason.ERROR` otherwise (the
+            :class:`OSError` or TLS error is the ``__cause__``).  The
+            compatibility clients of :mod:`trionet.compat` also report the
+            old servers' own refusals: :attr:`~CloseReason.REJECTED` (a
+            tinyproto server at its connection limit) and
+            :attr:`~CloseReason.PROTOCOL_ERROR` (a bad handshake byte).
     """
 
     def __init__(self, reason: CloseReason, message: str) -> None:

@@ -11,12 +11,13 @@ broadcasts are the TCP server's.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
+from .._client import Connecting
 from .._codec import Framing
 from .._connection import Connection
 from .._exceptions import CloseReason, ConnectionClosed, IncompleteMessage
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 _Message = TypeVar("_Message")
-_Conn = TypeVar("_Conn", bound="CompatConnection[Any]")
 
 #: The server options of :class:`trionet.ServerOptions` except ``framing``.
 TcpOptions = _TransportOptionsDict
@@ -108,29 +108,8 @@ class CompatConnection(Generic[_Message]):
         await self.aclose()
 
 
-class Connector(Generic[_Conn]):
-    """What ``connect_*`` returns: await it, or use it with ``async with``
-    (as :func:`trionet.connect_tcp`); no background task either way."""
-
-    def __init__(self, connect: Callable[[], Awaitable[_Conn]]) -> None:
-        self._connect = connect
-        self._conn: _Conn | None = None
-
-    def __await__(self) -> Generator[Any, None, _Conn]:
-        return self._connect().__await__()
-
-    async def __aenter__(self) -> _Conn:
-        self._conn = await self._connect()
-        return self._conn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        assert self._conn is not None
-        await self._conn.aclose()
+# What the compat ``connect_*`` return: the same as trionet's own.
+Connector = Connecting
 
 
 class CompatServer:
