@@ -342,6 +342,40 @@ async def test_tls_output_made_by_a_receive_is_sent(
     assert sock.full == 0
 
 
+async def test_a_send_waits_while_a_receive_flushes_tls_output(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """A receive that must write TLS output of its own into a full kernel
+    holds the send side meanwhile: a send then waits its turn (it neither
+    fails with BusyResourceError nor overtakes that output)."""
+    async with tls_pair(server_context, client_context) as (client, server):
+        transport = client._transport
+        assert isinstance(transport, TlsTransport)
+        transport._ssl = ReadsReply(transport._ssl)  # type: ignore[assignment]
+        # Fill the kernel towards a server that is not reading yet, until the
+        # transport holds ciphertext the kernel did not take.
+        filler = b"f" * 1000 + b"\n"
+        filled = 0
+        while not transport.has_backlog:
+            assert transport.send_nowait(filler) == len(filler)
+            filled += 1
+        await server.send("one")
+        # The reply this receive makes cannot go out yet.
+        assert await client.receive() == b"one"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.receive)  # flushes the reply first
+            await trio.testing.wait_all_tasks_blocked()
+            assert transport._send_busy
+            nursery.start_soon(client.send, "hello")
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(filled):
+                assert await server.receive() == filler[:-1]
+            assert await server.receive() == b"automatic"
+            assert await server.receive() == b"hello"
+            await server.send("two")
+        assert client.close_reason is None
+
+
 # ------------------------------------------------------------------ closing
 
 

@@ -580,6 +580,9 @@ class TlsTransport(SocketTransport):
             finally:
                 self._send_busy = False
                 self._urgent = False
+                lot = self._lot
+                if lot:
+                    lot.unpark_all()  # (a send waiting for this flush)
         if self._read_busy:
             # A send reads the socket for its renegotiation: it feeds the BIO.
             await self._parking_lot().park()
@@ -734,8 +737,11 @@ class TlsTransport(SocketTransport):
         return self.send_nowait(header + payload)
 
     async def send_all(self, data: bytes | memoryview) -> None:
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is sending")
+        # The connection sends from one task at a time; the send side is
+        # otherwise busy only while a receive flushes TLS output of its own
+        # into a full kernel (see _wait_readable): wait for that, in order.
+        while self._send_busy:
+            await self._parking_lot().park()
         self._send_busy = True
         try:
             await self._flush()
