@@ -286,6 +286,36 @@ async def test_a_batch_counts_as_its_messages_and_waits_whole() -> None:
         assert got == [b"a%d" % i for i in range(13)] + [b"b0", b"b1"]
 
 
+async def test_a_client_send_many_cancelled_part_way_ends_the_stream() -> None:
+    """A client's send_many cancelled while the kernel takes its bytes:
+    the connection closes (ERROR) and the stream ends there, so the peer
+    gets a prefix of the batch, each message whole, and then the end --
+    never half a message followed by anything else."""
+    lines = [b"%05d" % i + b"x" * 995 for i in range(2000)]  # about 2 MB
+    async with open_pair("tcp", framing=LINES) as (client, server):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_many, lines)
+                # The server reads nothing yet: the kernel fills up and the
+                # send waits for room part way through the batch.
+                await trio.testing.wait_all_tasks_blocked()
+                assert client._lock().locked()  # the send is under way
+                scope.cancel()
+        assert client.close_reason is CloseReason.ERROR
+        with pytest.raises(ConnectionClosed):
+            await client.send("after")
+        got: list[bytes] = []
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                got += await server.receive_batch()
+        # The cut message (if any) is reported as such, never delivered.
+        assert isinstance(info.value, IncompleteMessage) or (
+            info.value.reason is CloseReason.CLOSED_BY_PEER
+        )
+        assert 0 < len(got) < len(lines)
+        assert got == lines[: len(got)]
+
+
 async def test_a_batch_waits_for_the_byte_bound_too() -> None:
     limits = SendLimits(queue_bytes=1000)
     async with limited_pair(FRAMES, limits) as (reader, sender):

@@ -985,18 +985,24 @@ class Connection:
 
         The counterpart of :meth:`receive_batch` for throughput: the
         messages are encoded and checked first (nothing is sent if any is
-        refused), then handed on as one unit.  **Either every message is
-        accepted or none is**: if this raises -- cancelled while it waits
-        for room, or the connection closed -- none of them was accepted, and
-        if it returns all were.  On a connection a server handed to its
-        handler the batch counts as its messages and bytes against
-        ``send_queue_size`` and ``send_queue_bytes`` and waits, whole, until
-        the queue is under both bounds (so it may go over them by one
-        batch); a wait longer than :attr:`idle_timeout` closes the
-        connection with TIMEOUT.  On a client connection the call returns
-        once the kernel has taken every byte; as with :meth:`send`, a
-        cancellation while it takes them closes the connection (ERROR), since
-        part of a message may be on the wire.
+        refused), then handed on as one unit.
+
+        On a connection a server handed to its handler, **either every
+        message is accepted or none is**: if this raises -- cancelled while
+        it waits for room, or the connection closed -- none of them was
+        accepted and no byte of them goes out; if it returns, all were, and
+        they go out whole and in order.  The batch counts as its messages
+        and bytes against ``send_queue_size`` and ``send_queue_bytes`` and
+        waits, whole, until the queue is under both bounds (so it may go
+        over them by one batch); a wait longer than :attr:`idle_timeout`
+        closes the connection with TIMEOUT.
+
+        On a client connection the call returns once the kernel has taken
+        every byte.  As with :meth:`send`, a cancellation (or failure) while
+        the kernel takes them closes the connection (ERROR) at once: the
+        peer then has a prefix of the messages, each whole, and the end of
+        the stream -- the message cut short, if any, reaches it as
+        :exc:`IncompleteMessage`, never followed by other bytes.
 
         Raises:
             ValueError, MessageTooLarge: a message cannot be encoded (as
