@@ -25,7 +25,7 @@ import trionet
 from trionet import CloseReason, ConnectionClosed, IncompleteMessage
 from trionet._connection import Connection
 from trionet._sending import QueuedSendPath, SendLimits
-from trionet._transport import TlsTransport
+from trionet._transport import TLS_WRITE_SIZE, TlsTransport
 
 LINES = trionet.Lines()
 FRAMES = trionet.Frames()
@@ -220,6 +220,48 @@ async def test_a_peer_that_stops_reading_gets_a_backlog_then_everything(
         assert server.statistics().queued_bytes == 0
 
 
+def tls_backlog(transport: TlsTransport) -> int:
+    """Ciphertext the transport holds that the kernel has not taken."""
+    pending = transport._pending
+    return (0 if pending is None else len(pending)) + transport._outgoing.pending
+
+
+async def test_a_big_batch_to_a_peer_that_stops_reading_waits_in_the_queue(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """What a send hands to TLS beyond the kernel's room is at most one
+    write's worth; the rest of a big send_many waits in the queue, where
+    send_queue_bytes counts it and makes the next send wait."""
+    lines = [b"%06d" % i + b"y" * 994 for i in range(2000)]  # about 2 MB
+    limits = SendLimits(queue_bytes=64 * 1024)
+    async with tls_pair(server_context, client_context, limits=limits) as (
+        client,
+        server,
+    ):
+        transport = server._transport
+        assert isinstance(transport, TlsTransport)
+        await server.send_many(lines)
+        await trio.testing.wait_all_tasks_blocked()
+        assert 0 < tls_backlog(transport) <= TLS_WRITE_SIZE + 1024
+        queued = server.statistics().queued_bytes
+        assert queued > len(lines) * 1001 // 2  # most of it, counted
+        accepted = trio.Event()
+
+        async def one_more() -> None:
+            await server.send("last")
+            accepted.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_more)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not accepted.is_set()  # over send_queue_bytes: it waits
+            assert tls_backlog(transport) <= TLS_WRITE_SIZE + 1024
+            got: list[bytes] = []
+            while len(got) < len(lines) + 1:
+                got += await client.receive_batch()
+        assert got == [*lines, b"last"]
+
+
 class CountingBIO:
     """A MemoryBIO stand-in that counts what was written into it."""
 
@@ -380,11 +422,19 @@ async def test_a_send_waits_while_a_receive_flushes_tls_output(
 
 
 async def test_close_notify_is_a_clean_end(
-    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+    autojump_clock: trio.testing.MockClock,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
 ) -> None:
     async with tls_pair(server_context, client_context) as (client, server):
         await server.send("bye")
+        # close_notify goes out without waiting for the peer's own (the
+        # client reads nothing until this has returned): no time passes,
+        # where waiting would last until flush_timeout.
+        start = trio.current_time()
         await server.aclose()
+        assert trio.current_time() == start
+        assert server.close_reason is CloseReason.CLOSED_BY_HOST
         assert await client.receive() == b"bye"
         with pytest.raises(ConnectionClosed) as info:
             await client.receive()
