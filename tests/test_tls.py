@@ -262,6 +262,28 @@ async def test_a_big_batch_to_a_peer_that_stops_reading_waits_in_the_queue(
         assert got == [*lines, b"last"]
 
 
+async def test_the_tls_writer_can_be_cancelled_while_the_kernel_is_full(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """The writer task waiting for a peer that reads nothing ends as soon as
+    its scope is cancelled (the socket still open): what it could not send
+    is dropped and the connection closes with SHUTDOWN."""
+    async with tls_pair(server_context, client_context) as (client, server):
+        for _ in range(100):
+            await server.send(b"z" * 10_000)
+        await trio.testing.wait_all_tasks_blocked()
+        queue = server._queue
+        assert queue is not None and queue.scope is not None
+        assert server._transport.has_backlog or queue.items
+        path = server._send_path
+        assert isinstance(path, QueuedSendPath)
+        assert path.nursery.child_tasks  # the writer
+        queue.scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not path.nursery.child_tasks
+        assert server.close_reason is CloseReason.SHUTDOWN
+
+
 class CountingBIO:
     """A MemoryBIO stand-in that counts what was written into it."""
 
