@@ -13,6 +13,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -26,6 +27,8 @@ from trionet import CloseReason, ConnectionClosed, IncompleteMessage
 from trionet._connection import Connection
 from trionet._sending import QueuedSendPath, SendLimits
 from trionet._transport import TLS_WRITE_SIZE, TlsTransport
+
+from .conftest import open_pair
 
 LINES = trionet.Lines()
 FRAMES = trionet.Frames()
@@ -268,7 +271,7 @@ async def test_the_tls_writer_can_be_cancelled_while_the_kernel_is_full(
     """The writer task waiting for a peer that reads nothing ends as soon as
     its scope is cancelled (the socket still open): what it could not send
     is dropped and the connection closes with SHUTDOWN."""
-    async with tls_pair(server_context, client_context) as (client, server):
+    async with tls_pair(server_context, client_context) as (_client, server):
         for _ in range(100):
             await server.send(b"z" * 10_000)
         await trio.testing.wait_all_tasks_blocked()
@@ -494,6 +497,33 @@ async def test_a_ragged_end_on_the_client_side(
             await client.receive()
         assert info.value.reason is reason
     assert client.close_reason is reason
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_start_tls_on_a_socket_stays_on_the_socket_path(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext, kind: str
+) -> None:
+    """STARTTLS over a socket upgrades to TlsTransport (not trio.SSLStream),
+    and the upgraded connection speaks both ways."""
+    async with open_pair(kind, framing=LINES) as (client, server):
+        await client.send("STARTTLS")
+        assert await server.receive() == b"STARTTLS"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(server.start_tls, server_context))
+            nursery.start_soon(
+                partial(
+                    client.start_tls,
+                    client_context,
+                    server_side=False,
+                    server_hostname="localhost",
+                )
+            )
+        assert type(client._transport) is TlsTransport
+        assert type(server._transport) is TlsTransport
+        await client.send("over TLS")
+        assert await server.receive() == b"over TLS"
+        await server.send("and back")
+        assert await client.receive() == b"and back"
 
 
 async def test_start_tls_on_a_tls_connection_is_refused(
