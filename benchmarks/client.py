@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -238,6 +239,67 @@ def _percentile(sorted_values: list[int], fraction: float) -> float:
 # ------------------------------------------------------------ echo rounds
 
 
+class _Phases:
+    """The warm-up, measured and draining phases of one run (0, 1, 2), and
+    what the measured one counted: rounds, their latencies, and the wall and
+    server CPU time they took."""
+
+    def __init__(
+        self, pid: int, warmup: float, duration: float, max_rounds: float
+    ) -> None:
+        self.pid = pid
+        self.warm_end = time.perf_counter() + warmup
+        self.measure_end = self.warm_end + duration
+        self.hard_end = self.measure_end + DRAIN_TIMEOUT
+        self.max_rounds = max_rounds
+        self.phase = 0
+        self.rounds = 0
+        self.latencies: list[int] = []
+        self.t_start = self.cpu_start = self.t_end = self.cpu_end = 0.0
+
+    def tick(self) -> bool:
+        """Move on to the next phase when its time has come; False once the
+        drain has taken too long."""
+        now = time.perf_counter()
+        if self.phase == 0 and now >= self.warm_end:
+            self.phase = 1
+            self.cpu_start = server_cpu_seconds(self.pid)
+            self.t_start = time.perf_counter()
+        elif self.phase == 1 and (
+            now >= self.measure_end or self.rounds >= self.max_rounds
+        ):
+            self.phase = 2
+        elif now >= self.hard_end:
+            return False
+        return True
+
+    def round_done(self, started_ns: int) -> bool:
+        """Count a round that started at ``started_ns`` (if measured); True
+        if another should start in its place."""
+        if self.phase == 1:
+            self.rounds += 1
+            self.latencies.append(time.perf_counter_ns() - started_ns)
+        return self.phase < 2
+
+    def stop(self) -> None:
+        self.t_end = time.perf_counter()
+        self.cpu_end = server_cpu_seconds(self.pid)
+
+    def figures(self, messages_per_round: int, bytes_per_round: int) -> dict[str, Any]:
+        if self.phase == 0:
+            raise RuntimeError("the measurement never left its warm-up")
+        latencies = sorted(self.latencies)
+        return {
+            "messages": self.rounds * messages_per_round,
+            "bytes": self.rounds * bytes_per_round,
+            "rounds": self.rounds,
+            "seconds": self.t_end - self.t_start,
+            "server_cpu": self.cpu_end - self.cpu_start,
+            "p50_us": _percentile(latencies, 0.50) / 1000,
+            "p99_us": _percentile(latencies, 0.99) / 1000,
+        }
+
+
 def run_echo(
     target: Target,
     pid: int,
@@ -292,25 +354,11 @@ def run_echo(
         for conn in by_fd.values():
             start_round(conn)
         active = len(by_fd)
-        begin = time.perf_counter()
-        warm_end = begin + warmup
-        measure_end = warm_end + duration
-        hard_end = measure_end + DRAIN_TIMEOUT
-        phase = 0  # 0: warm-up, 1: measured, 2: draining
-        rounds = 0
-        latencies: list[int] = []
-        t_start = cpu_start = 0.0
+        phases = _Phases(pid, warmup, duration, max_rounds)
         for _ in range(MAX_POLLS):
             if not active:
                 break
-            now = time.perf_counter()
-            if phase == 0 and now >= warm_end:
-                phase = 1
-                cpu_start = server_cpu_seconds(pid)
-                t_start = time.perf_counter()
-            elif phase == 1 and (now >= measure_end or rounds >= max_rounds):
-                phase = 2
-            elif now >= hard_end:
+            if not phases.tick():
                 raise TimeoutError(f"{active} connections still waiting for echoes")
             for fd, events in poller.poll(0.1):
                 conn = by_fd[fd]
@@ -341,34 +389,18 @@ def run_echo(
                     if conn.check != request:
                         raise ConnectionError("server echoed different bytes")
                     conn.check = None
-                if phase == 1:
-                    rounds += 1
-                    latencies.append(time.perf_counter_ns() - conn.started)
-                if phase < 2:
+                if phases.round_done(conn.started):
                     start_round(conn)
                 else:
                     active -= 1
         else:
             raise TimeoutError("poll bound reached")
-        t_end = time.perf_counter()
-        cpu_end = server_cpu_seconds(pid)
+        phases.stop()
     finally:
         poller.close()
         for sock in socks:
             sock.close()
-    if phase == 0:
-        raise RuntimeError("the measurement never left its warm-up")
-    latencies.sort()
-    messages = rounds * messages_per_round
-    return {
-        "messages": messages,
-        "bytes": rounds * expect,
-        "rounds": rounds,
-        "seconds": t_end - t_start,
-        "server_cpu": cpu_end - cpu_start,
-        "p50_us": _percentile(latencies, 0.50) / 1000,
-        "p99_us": _percentile(latencies, 0.99) / 1000,
-    }
+    return phases.figures(messages_per_round, expect)
 
 
 # ------------------------------------------------------------- handshakes
@@ -451,56 +483,27 @@ def run_handshakes(
     try:
         for _ in range(concurrency):
             start()
-        begin = time.perf_counter()
-        warm_end = begin + warmup
-        measure_end = warm_end + duration
-        hard_end = measure_end + DRAIN_TIMEOUT
-        phase = 0
-        rounds = 0
-        latencies: list[int] = []
-        t_start = cpu_start = 0.0
+        phases = _Phases(pid, warmup, duration, math.inf)
         for _ in range(MAX_POLLS):
             if not live:
                 break
-            now = time.perf_counter()
-            if phase == 0 and now >= warm_end:
-                phase = 1
-                cpu_start = server_cpu_seconds(pid)
-                t_start = time.perf_counter()
-            elif phase == 1 and now >= measure_end:
-                phase = 2
-            elif now >= hard_end:
+            if not phases.tick():
                 raise TimeoutError(f"{len(live)} connections still handshaking")
             for fd, _events in poller.poll(0.1):
                 one = live[fd]
                 if not step(one):
                     continue
                 finish(one)
-                if phase == 1:
-                    rounds += 1
-                    latencies.append(time.perf_counter_ns() - one.started)
-                if phase < 2:
+                if phases.round_done(one.started):
                     start()
         else:
             raise TimeoutError("poll bound reached")
-        t_end = time.perf_counter()
-        cpu_end = server_cpu_seconds(pid)
+        phases.stop()
     finally:
         poller.close()
         for one in live.values():
             one.sock.close()
-    if phase == 0:
-        raise RuntimeError("the measurement never left its warm-up")
-    latencies.sort()
-    return {
-        "messages": rounds,
-        "bytes": rounds * len(line),
-        "rounds": rounds,
-        "seconds": t_end - t_start,
-        "server_cpu": cpu_end - cpu_start,
-        "p50_us": _percentile(latencies, 0.50) / 1000,
-        "p99_us": _percentile(latencies, 0.99) / 1000,
-    }
+    return phases.figures(1, len(line))
 
 
 # ------------------------------------------------------------------- idle
