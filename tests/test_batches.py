@@ -32,7 +32,7 @@ from trionet._connection import Connection, _encode_many
 from trionet._sending import QueuedSendPath, SendLimits
 from trionet._transport import StreamTransport
 
-from .conftest import open_pair
+from .conftest import open_pair, tls_client_of
 
 LINES = trionet.Lines()
 FRAMES = trionet.Frames()
@@ -397,19 +397,10 @@ async def test_a_batch_echo_over_tls(
             await conn.send_many(batch)
 
     lines = [b"line %05d" % i for i in range(5000)]
-    async with trionet.open_tcp_server(
-        echo, host="127.0.0.1", framing=LINES, ssl_context=server_context
-    ) as server:
-        async with trionet.connect_tcp(
-            "127.0.0.1",
-            server.port,
-            framing=LINES,
-            ssl_context=client_context,
-            server_hostname="localhost",
-        ) as client:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client.send_many, lines)
-                got: list[bytes] = []
-                while len(got) < len(lines):
-                    got += await client.receive_batch()
+    async with tls_client_of(echo, server_context, client_context, LINES) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_many, lines)
+            got: list[bytes] = []
+            while len(got) < len(lines):
+                got += await client.receive_batch()
     assert got == lines

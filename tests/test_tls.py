@@ -28,7 +28,7 @@ from trionet._connection import Connection
 from trionet._sending import QueuedSendPath, SendLimits
 from trionet._transport import TLS_WRITE_SIZE, TlsTransport
 
-from .conftest import open_pair
+from .conftest import open_pair, tls_client_of
 
 LINES = trionet.Lines()
 FRAMES = trionet.Frames()
@@ -97,6 +97,13 @@ async def tls_pair(
     finally:
         server_sock.close()
         client_sock.close()
+
+
+def tls_of(conn: Connection) -> TlsTransport:
+    """The connection's transport, which must be a TlsTransport."""
+    transport = conn._transport
+    assert isinstance(transport, TlsTransport)
+    return transport
 
 
 # ------------------------------------------------------- records, any chunking
@@ -168,19 +175,10 @@ async def test_a_tls_reply_is_written_without_a_writer_task(
             await conn.send(line)
             queued_after_send.append(conn.statistics().queued_messages)
 
-    async with trionet.open_tcp_server(
-        echo, host="127.0.0.1", framing=LINES, ssl_context=server_context
-    ) as server:
-        async with trionet.connect_tcp(
-            "127.0.0.1",
-            server.port,
-            framing=LINES,
-            ssl_context=client_context,
-            server_hostname="localhost",
-        ) as client:
-            for i in range(5):
-                await client.send(f"line {i}")
-                assert await client.receive() == f"line {i}".encode()
+    async with tls_client_of(echo, server_context, client_context, LINES) as client:
+        for i in range(5):
+            await client.send(f"line {i}")
+            assert await client.receive() == f"line {i}".encode()
     # Each reply went straight to the kernel: no queue, so no writer task.
     assert queued_after_send == [0] * 5
 
@@ -189,8 +187,7 @@ async def test_session_tickets_wait_for_the_first_send(
     server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     async with tls_pair(server_context, client_context) as (client, server):
-        transport = client._transport
-        assert isinstance(transport, TlsTransport)
+        transport = tls_of(client)
         client_sock = transport._sock
         # The handshake is over, and nothing waits on the client's socket.
         with pytest.raises(BlockingIOError):
@@ -241,8 +238,7 @@ async def test_a_big_batch_to_a_peer_that_stops_reading_waits_in_the_queue(
         client,
         server,
     ):
-        transport = server._transport
-        assert isinstance(transport, TlsTransport)
+        transport = tls_of(server)
         await server.send_many(lines)
         await trio.testing.wait_all_tasks_blocked()
         assert 0 < tls_backlog(transport) <= TLS_WRITE_SIZE + 1024
@@ -310,6 +306,7 @@ class WritesWantReadFirst:
         self.real = transport._ssl
         self.incoming = CountingBIO(transport._incoming)
         transport._incoming = self.incoming  # type: ignore[assignment]
+        transport._ssl = self  # type: ignore[assignment]
         self.refused = 0
 
     def write(self, data: Any) -> int:
@@ -326,10 +323,7 @@ async def test_a_send_that_must_read_first_reads_the_socket_itself(
     server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     async with tls_pair(server_context, client_context) as (client, server):
-        transport = client._transport
-        assert isinstance(transport, TlsTransport)
-        fake = WritesWantReadFirst(transport)
-        transport._ssl = fake  # type: ignore[assignment]
+        fake = WritesWantReadFirst(tls_of(client))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.send, "hello")
             await trio.testing.wait_all_tasks_blocked()
@@ -345,10 +339,7 @@ async def test_a_send_that_must_read_first_waits_for_the_receiving_task(
     server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     async with tls_pair(server_context, client_context) as (client, server):
-        transport = client._transport
-        assert isinstance(transport, TlsTransport)
-        fake = WritesWantReadFirst(transport)
-        transport._ssl = fake  # type: ignore[assignment]
+        fake = WritesWantReadFirst(tls_of(client))
         received: list[bytes] = []
 
         async def receive() -> None:
@@ -391,8 +382,7 @@ async def test_tls_output_made_by_a_receive_is_sent(
     kernel_full: bool,
 ) -> None:
     async with tls_pair(server_context, client_context) as (client, server):
-        transport = client._transport
-        assert isinstance(transport, TlsTransport)
+        transport = tls_of(client)
         transport._ssl = ReadsReply(transport._ssl)  # type: ignore[assignment]
         sock = transport._sock
         assert isinstance(sock, ChunkySocket)
@@ -416,8 +406,7 @@ async def test_a_send_waits_while_a_receive_flushes_tls_output(
     holds the send side meanwhile: a send then waits its turn (it neither
     fails with BusyResourceError nor overtakes that output)."""
     async with tls_pair(server_context, client_context) as (client, server):
-        transport = client._transport
-        assert isinstance(transport, TlsTransport)
+        transport = tls_of(client)
         transport._ssl = ReadsReply(transport._ssl)  # type: ignore[assignment]
         # Fill the kernel towards a server that is not reading yet, until the
         # transport holds ciphertext the kernel did not take.
