@@ -731,6 +731,11 @@ class TlsTransport(SocketTransport):
                 break
         return accepted
 
+    def receive_chunk_nowait(self) -> memoryview | None:
+        # (Never SocketTransport's: that would hand over ciphertext.  The
+        # connection uses it only where fast_socket is set, never for TLS.)
+        raise NotImplementedError("TLS is received through receive_into")
+
     def send_parts_nowait(self, header: bytes, payload: bytes) -> int:
         # (Never SocketTransport's sendmsg: that would send plaintext.  One
         # write of both: the encryption copies anyway.)
