@@ -55,7 +55,7 @@ import trio
 
 from ._as_stream import ConnectionStream
 from ._codec import Frames, Framing, Lines, ReceiveBuffer, as_bytes
-from ._codec._buffer import large_frame_end
+from ._codec._buffer import _SMALL_FRAME, large_frame_end
 from ._exceptions import (
     CloseReason,
     ConnectError,
@@ -665,8 +665,13 @@ class Connection:
                 except _TRANSPORT_ERRORS as exc:
                     raise self._broken(exc) from exc
                 waited = False
-                # (A helper, so that the frame an idle connection waits in
-                # holds no more locals than it needs.)
+                if frames is None or buffer or len(chunk) <= _SMALL_FRAME:
+                    # (No new locals: the frame an idle connection waits in
+                    # stays as small as it was.)
+                    buffer.feed(chunk)
+                    self._filled(len(chunk))
+                    continue
+                # Maybe a large frame, whole: a helper, for the same reason.
                 message = self._take_chunk(chunk, frames)
                 if message is not None:
                     return message
@@ -955,9 +960,9 @@ class Connection:
         """
         framing = self._framing
         if (
-            type(framing) is Frames
+            len(message) >= SCATTER_MIN
+            and type(framing) is Frames
             and type(message) is bytes
-            and len(message) >= SCATTER_MIN
         ):
             await self._send_parts(framing.header(len(message)), message)
             return
