@@ -9,6 +9,7 @@ corked and concurrent sends, and batches over TLS.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -293,6 +294,11 @@ async def test_a_client_send_many_cancelled_part_way_ends_the_stream() -> None:
     never half a message followed by anything else."""
     lines = [b"%05d" % i + b"x" * 995 for i in range(2000)]  # about 2 MB
     async with open_pair("tcp", framing=LINES) as (client, server):
+        # Small kernel buffers both ways: 2 MB cannot fit in them.
+        for conn, option in ((client, socket.SO_SNDBUF), (server, socket.SO_RCVBUF)):
+            sock = conn._transport.fast_socket
+            assert sock is not None
+            sock.setsockopt(socket.SOL_SOCKET, option, 16 * 1024)
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.send_many, lines)
