@@ -276,7 +276,7 @@ class QueuedSendPath:
             raise conn._broken(exc) from exc
         conn._bytes_sent += sent
         size = len(header) + len(payload)
-        if sent < size or transport.has_backlog:
+        if sent < size or (transport.can_hold_backlog and transport.has_backlog):
             queue = conn._queue = SendQueue()
             if sent < size:
                 queue.append(_unsent(header, payload, sent))
@@ -314,7 +314,7 @@ class QueuedSendPath:
         except _TRANSPORT_ERRORS as exc:
             raise conn._broken(exc) from exc
         conn._bytes_sent += sent
-        if sent < len(data) or transport.has_backlog:
+        if sent < len(data) or (transport.can_hold_backlog and transport.has_backlog):
             # (The backlog: TLS records the kernel did not take, at most one
             # write's worth.  The writer sends it before the queue.)
             queue = conn._queue = SendQueue()
@@ -508,7 +508,9 @@ class LockedSendPath:
                 else:
                     sent = transport.send_parts_nowait(data, payload)
                     size += len(payload)
-                if sent < size or transport.has_backlog:
+                if sent < size or (
+                    transport.can_hold_backlog and transport.has_backlog
+                ):
                     await self._send_rest(conn, _unsent(data, payload, sent))
             except _TRANSPORT_ERRORS as exc:
                 raise conn._broken(exc) from exc

@@ -44,7 +44,7 @@ import socket
 import ssl
 import struct
 import threading
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, ClassVar, NamedTuple, TypeAlias
 
 import trio
 import trio.testing
@@ -191,6 +191,11 @@ class Transport:
         """:meth:`send_nowait` of ``header + payload``, without joining them
         where the transport can (a scatter-gather ``sendmsg``)."""
         return self.send_nowait(header + payload)
+
+    #: Whether accepted bytes can wait in the transport at all (TLS): when
+    #: False, :attr:`has_backlog` is always False and need not be asked (a
+    #: class attribute: checking it costs no call on the plain send path).
+    can_hold_backlog: ClassVar[bool] = False
 
     @property
     def has_backlog(self) -> bool:
@@ -677,6 +682,8 @@ class TlsTransport(SocketTransport):
         return 0 if self._eof else None
 
     # --------------------------------------------------------------- sending
+
+    can_hold_backlog = True
 
     @property
     def has_backlog(self) -> bool:
