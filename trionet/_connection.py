@@ -665,7 +665,7 @@ class Connection:
                 except _TRANSPORT_ERRORS as exc:
                     raise self._broken(exc) from exc
                 waited = False
-                if frames is None or buffer or len(chunk) <= _SMALL_FRAME:
+                if frames is None or len(chunk) <= _SMALL_FRAME or buffer:
                     # (No new locals: the frame an idle connection waits in
                     # stays as small as it was.)
                     buffer.feed(chunk)
