@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -354,6 +354,58 @@ async def test_a_send_that_must_read_first_waits_for_the_receiving_task(
             await server.send("ping")
         assert received == [b"ping"]
         assert await server.receive() == b"hello"
+
+
+@pytest.mark.parametrize("cancelled", ["receive", "send"])
+async def test_a_task_waiting_for_the_other_to_read_is_woken_if_it_leaves(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext, cancelled: str
+) -> None:
+    """A send that must read first waits for the receiving task to read (or
+    a receive for the send that reads); if the one reading is cancelled, the
+    one waiting goes on by itself instead of waiting for ever."""
+    async with tls_pair(server_context, client_context) as (client, server):
+        fake = WritesWantReadFirst(tls_of(client))
+        received: list[object] = []
+        sent = trio.Event()
+
+        async def receive() -> None:
+            try:
+                received.append(await client.receive())
+            except ConnectionClosed as exc:
+                received.append(exc.reason)
+
+        async def send() -> None:
+            await client.send("hello")
+            sent.set()
+
+        first, second = (receive, send) if cancelled == "receive" else (send, receive)
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_in_scope, scope, first)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(second)  # waits for the first one to read
+            await trio.testing.wait_all_tasks_blocked()
+            assert fake.refused
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            if cancelled == "receive":
+                # The send reads the socket itself now.
+                await server.send("ping")
+        if cancelled == "receive":
+            assert sent.is_set()
+            assert await server.receive() == b"hello"
+            assert await client.receive() == b"ping"
+        else:
+            # A client's send cancelled part way closes the connection: the
+            # waiting receive learns it at once.
+            assert received == [CloseReason.ERROR]
+
+
+async def _in_scope(
+    scope: trio.CancelScope, task: Callable[[], Awaitable[None]]
+) -> None:
+    with scope:
+        await task()
 
 
 class ReadsReply:

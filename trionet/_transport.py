@@ -597,6 +597,11 @@ class TlsTransport(SocketTransport):
             await trio.lowlevel.wait_readable(self._sock)
         finally:
             self._read_busy = False
+            lot = self._lot
+            if lot:
+                # (A send waiting for this read: it goes on, and reads the
+                # socket itself if this one was cancelled.)
+                lot.unpark_all()
 
     def _parking_lot(self) -> trio.lowlevel.ParkingLot:
         lot = self._lot
@@ -785,9 +790,11 @@ class TlsTransport(SocketTransport):
                 await trio.lowlevel.wait_readable(self._sock)
         finally:
             self._read_busy = False
-        lot = self._lot
-        if lot:
-            lot.unpark_all()  # (a receive that waited meanwhile)
+            lot = self._lot
+            if lot:
+                # (A receive that waited meanwhile, even if this send was
+                # cancelled: it reads the socket itself then.)
+                lot.unpark_all()
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._pending is None:
