@@ -960,8 +960,8 @@ class Connection:
         """
         framing = self._framing
         if (
-            len(message) >= SCATTER_MIN
-            and type(framing) is Frames
+            type(framing) is Frames  # (first: for lines, the only check)
+            and len(message) >= SCATTER_MIN
             and type(message) is bytes
         ):
             await self._send_parts(framing.header(len(message)), message)
