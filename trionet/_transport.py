@@ -42,6 +42,7 @@ import trio
 import trio.testing
 
 from ._codec import ReceiveBuffer
+from ._network import SimulatedStream
 
 __all__ = [
     "Address",
@@ -378,7 +379,10 @@ def _close_sync(stream: object) -> bool:
     if isinstance(stream, trio.StapledStream):
         return _close_sync(stream.send_stream) & _close_sync(stream.receive_stream)
     if isinstance(
-        stream, trio.testing.MemorySendStream | trio.testing.MemoryReceiveStream
+        stream,
+        trio.testing.MemorySendStream
+        | trio.testing.MemoryReceiveStream
+        | SimulatedStream,
     ):
         stream.close()
         return True
@@ -402,6 +406,8 @@ class StreamTransport(Transport):
 
     def _look_up_addresses(self) -> _Endpoints:
         sock = _find_socket(self._stream)
+        if isinstance(sock, SimulatedStream):
+            return sock.endpoints()
         return (None, None, None) if sock is None else _addresses(sock)
 
     @property
@@ -480,10 +486,12 @@ def _is_tls_eof(exc: BaseException | None) -> bool:
     )
 
 
-def _find_socket(stream: object) -> trio.socket.SocketType | None:
+def _find_socket(stream: object) -> trio.socket.SocketType | SimulatedStream | None:
     for _ in range(8):
         if isinstance(stream, trio.SocketStream):
             return stream.socket
+        if isinstance(stream, SimulatedStream):
+            return stream
         inner = getattr(stream, "transport_stream", None)
         if inner is None:
             return None
