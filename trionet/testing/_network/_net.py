@@ -205,7 +205,7 @@ class _Pair:
     def end_closed(self) -> None:
         self._closed += 1
         if self._closed == 2:
-            self.live.ended("closed", trio.current_time())
+            self.live.ended("closed")
             if self.client_port is not None:
                 self.hosts[0]._client_ports.discard(self.client_port)
             self.network._pairs.pop(self.live.id, None)
@@ -258,7 +258,7 @@ class MemoryNetwork(SimulatedNetwork):
             capture_bytes=capture_bytes,
             max_records=max_records,
         )
-        self._recorder = Recorder(capture_bytes, max_records)
+        self._recorder = Recorder(capture_bytes, max_records, self._now)
         self._hosts: dict[str, Host] = {}
         self._by_ip: dict[str, Host] = {}
         self._links: dict[frozenset[Host], Faults] = {}
@@ -268,6 +268,8 @@ class MemoryNetwork(SimulatedNetwork):
         # Tasks waiting for the network to change (connects across a partition).
         self._changes = trio.lowlevel.ParkingLot()
         self._localhost = self._new_host("localhost", ["127.0.0.1", "::1"])
+        # Records give times from here: when the network was first used.
+        self._epoch: float | None = None
 
     def __repr__(self) -> str:
         return f"<trionet.testing.MemoryNetwork hosts={list(self._hosts)}>"
@@ -513,8 +515,19 @@ class MemoryNetwork(SimulatedNetwork):
     # ------------------------------------------------------------ observation
 
     def traffic(self) -> Traffic:
-        """A snapshot of every connection and datagram so far."""
+        """A snapshot of every connection and datagram so far.  Times in
+        it are seconds since the network was first used (since
+        :func:`memory_network` began), to the nanosecond, so that two runs
+        compare equal."""
         return self._recorder.traffic()
+
+    def _now(self) -> float:
+        """Seconds since the network was first used, to the nanosecond (so
+        that runs starting at other clock readings record equal times)."""
+        now = trio.current_time()
+        if self._epoch is None:
+            self._epoch = now
+        return round(now - self._epoch, 9)
 
     # -------------------------------------------------------------- resolving
 
@@ -614,35 +627,37 @@ class MemoryNetwork(SimulatedNetwork):
         self, host: str, port: int, local_address: str | None
     ) -> MemoryStream:
         ips = self._resolve(host)
-        source = self._current()
-        local_ip = None
-        if local_address is not None:
-            parsed = _ip(local_address)
-            owner = None if parsed is None else self._host_of_ip(str(parsed))
-            if owner is None:
-                raise _error(errno.EADDRNOTAVAIL, f"local_address {local_address}")
-            source, local_ip = owner, str(parsed)
         errors: list[OSError] = []
         for ip in ips:
             try:
-                return await self._connect_to(source, local_ip, ip, port)
+                return await self._connect_to(local_address, ip, port)
             except OSError as exc:
                 errors.append(exc)
         message = f"all attempts to connect to {format_address((host, port))} failed"
         raise OSError(message) from ExceptionGroup(message, errors)
 
     async def _connect_to(
-        self, source: Host, local_ip: str | None, ip: str, port: int
+        self, local_address: str | None, ip: str, port: int
     ) -> MemoryStream:
+        await trio.lowlevel.checkpoint()
         destination = self._host_of_ip(ip)
         assert destination is not None
+        server = _sockaddr(ip, port)
         v6 = _is_v6(ip)
-        if local_ip is not None and _is_v6(local_ip) != v6:
-            raise _error(errno.EAFNOSUPPORT, "local_address of another family")
-        source_ip = local_ip or source._address(v6)
+        source = self._current()
+        source_ip = source._address(v6)
+        if local_address is not None:
+            parsed = _ip(local_address)
+            owner = None if parsed is None else self._host_of_ip(str(parsed))
+            if owner is None or _is_v6(str(parsed)) != v6:
+                # (trio's words, for the same mistake on the kernel.)
+                raise OSError(
+                    f"local_address={local_address!r} is incompatible "
+                    f"with remote address {server!r}"
+                )
+            source, source_ip = owner, str(parsed)
         if source_ip is None:
             raise _error(errno.ENETUNREACH, f"{source.name} has no IPv6 address")
-        server = _sockaddr(ip, port)
         out = Route(self, source, destination, local=False)
         back = Route(self, destination, source, local=False)
         # The SYN: across a partition it is retried until the link heals
@@ -662,9 +677,7 @@ class MemoryNetwork(SimulatedNetwork):
         if listener is None:
             await trio.sleep_until(back.arrival(trio.current_time(), 0))
             client = _sockaddr(source_ip, 0)
-            self._recorder.connection("tcp", client, server, trio.current_time()).ended(
-                "refused", trio.current_time()
-            )
+            self._recorder.connection("tcp", client, server).ended("refused")
             raise _error(errno.ECONNREFUSED)
         client_port = source._ephemeral("tcp")
         source._client_ports.add(client_port)
@@ -697,8 +710,7 @@ class MemoryNetwork(SimulatedNetwork):
         """Make a connection, queue its server end at ``listener`` and
         return its client end."""
         client, server = addresses
-        now = trio.current_time()
-        live = self._recorder.connection(kind, client, server, now)
+        live = self._recorder.connection(kind, client, server)
         size = self._options.buffer_size
         to_server = Pipe(routes[0], listener.so_rcvbuf or size, live, True)
         to_client = Pipe(routes[1], listener.so_sndbuf or size, live, False)
@@ -842,5 +854,6 @@ async def memory_network(
         max_records=max_records,
     )
     with network.activated():
+        network._now()  # (times in the records count from here)
         await trio.lowlevel.checkpoint()
         yield network

@@ -10,6 +10,7 @@ goes on past it, and the record says it is truncated), and at most
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, TypeAlias
 
 import attrs
@@ -48,7 +49,7 @@ class ConnectionRecord:
     client: Address
     #: The server's address (for a refused attempt, the address tried).
     server: Address
-    #: When the client connected (trio time).
+    #: When the client connected (seconds since the network was first used).
     opened_at: float
     #: When both sides were closed or the connection was reset; None while open.
     ended_at: float | None
@@ -101,7 +102,7 @@ class DatagramRecord:
     .. versionadded:: 0.1
     """
 
-    #: When it was sent (trio time).
+    #: When it was sent (seconds since the network was first used).
     sent_at: float
     #: The sender's address.
     source: Address
@@ -173,14 +174,13 @@ class LiveConnection:
         kind: str,
         client: Address,
         server: Address,
-        now: float,
     ) -> None:
         self.recorder = recorder
         self.id = id
         self.kind = kind
         self.client = client
         self.server = server
-        self.opened_at = now
+        self.opened_at = recorder.clock()
         self.ended_at: float | None = None
         self.end: ConnectionEnd | None = None
         self.to_server = _Capture()
@@ -191,10 +191,10 @@ class LiveConnection:
         capture.count += len(data)
         self.recorder.capture(capture.data, data)
 
-    def ended(self, end: ConnectionEnd, now: float) -> None:
+    def ended(self, end: ConnectionEnd) -> None:
         if self.end is None:
             self.end = end
-            self.ended_at = now
+            self.ended_at = self.recorder.clock()
 
     def snapshot(self) -> ConnectionRecord:
         return ConnectionRecord(
@@ -215,7 +215,11 @@ class LiveConnection:
 class Recorder:
     """Keeps the records of one network, within its bounds."""
 
-    def __init__(self, capture_bytes: int, max_records: int) -> None:
+    def __init__(
+        self, capture_bytes: int, max_records: int, clock: Callable[[], float]
+    ) -> None:
+        #: Seconds since the network was first used.
+        self.clock = clock
         self._capture_left = capture_bytes
         self._max_records = max_records
         self._connections: list[LiveConnection] = []
@@ -229,10 +233,8 @@ class Recorder:
             into += data[:take]
             self._capture_left -= take
 
-    def connection(
-        self, kind: str, client: Address, server: Address, now: float
-    ) -> LiveConnection:
-        live = LiveConnection(self, self._attempts, kind, client, server, now)
+    def connection(self, kind: str, client: Address, server: Address) -> LiveConnection:
+        live = LiveConnection(self, self._attempts, kind, client, server)
         self._attempts += 1
         if len(self._connections) < self._max_records:
             self._connections.append(live)

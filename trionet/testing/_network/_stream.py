@@ -23,7 +23,9 @@ Closing follows the kernel:
 * closing with bytes still unread resets the connection, like an RST:
   both pipes drop what they hold, and the peer's next receive or send
   raises :class:`trio.BrokenResourceError` caused by
-  :class:`ConnectionResetError`;
+  :class:`ConnectionResetError` -- once the RST can reach it: not across a
+  partition (a reset the network injects, or a host going down, is seen at
+  once);
 * sending to a peer that has closed its end is accepted once (the bytes go
   nowhere); later sends raise :class:`trio.BrokenResourceError` caused by
   :class:`BrokenPipeError`, as after the peer's RST.
@@ -92,6 +94,7 @@ class Pipe:
         "readable",
         "receiver_closed",
         "reset",
+        "reset_routed",
         "route",
         "segments",
         "to_server",
@@ -112,6 +115,8 @@ class Pipe:
         #: When the end of stream arrives; None until the sender ends it.
         self.eof_at: float | None = None
         self.reset = False
+        # Whether the reset is a packet (an RST), which a partition holds up.
+        self.reset_routed = False
         self.receiver_closed = False
         self.readable = trio.lowlevel.ParkingLot()
         self.writable = trio.lowlevel.ParkingLot()
@@ -122,9 +127,11 @@ class Pipe:
         return arrival
 
     def put(self, data: memoryview) -> None:
+        self.live.sent(self.to_server, data)
+        if self.reset:
+            return  # (an RST not seen yet: the bytes are lost)
         self.segments.append([self._arrival(len(data)), data])
         self.nbytes += len(data)
-        self.live.sent(self.to_server, data)
         self.readable.unpark_all()
 
     def finish(self) -> None:
@@ -133,12 +140,21 @@ class Pipe:
             self.eof_at = self._arrival(0)
             self.readable.unpark_all()
 
-    def abort(self) -> None:
-        """A reset: drop everything; both ends' waiters wake to see it."""
-        self.reset = True
+    def abort(self, routed: bool) -> None:
+        """A reset: drop everything; both ends' waiters wake to see it.
+        ``routed``: it is an RST sent by an end, which a partition holds up."""
+        if not self.reset:
+            self.reset = True
+            self.reset_routed = routed
+        elif not routed:
+            self.reset_routed = False
         self.segments.clear()
         self.nbytes = 0
         self.wake()
+
+    def reset_seen(self) -> bool:
+        """Whether the reset has reached the ends."""
+        return self.reset and (not self.reset_routed or self.route.deliverable())
 
     def wake(self) -> None:
         self.readable.unpark_all()
@@ -236,9 +252,9 @@ class MemoryStream(SimulatedStream):
         incoming, outgoing = self._incoming, self._outgoing
         if incoming.nbytes and not incoming.reset:
             # Unread bytes: the kernel answers a close with a reset.
-            incoming.abort()
-            outgoing.abort()
-            self.live.ended("reset", trio.current_time())
+            incoming.abort(routed=True)
+            outgoing.abort(routed=True)
+            self.live.ended("reset")
         elif not outgoing.reset:
             outgoing.finish()
         incoming.receiver_closed = True
@@ -247,11 +263,10 @@ class MemoryStream(SimulatedStream):
         self._on_closed()
 
     def reset(self) -> None:
-        """Reset the connection: both ends see a connection reset."""
-        if not (self._incoming.reset and self._outgoing.reset):
-            self._incoming.abort()
-            self._outgoing.abort()
-            self.live.ended("reset", trio.current_time())
+        """Reset the connection: both ends see a connection reset at once."""
+        self._incoming.abort(routed=False)
+        self._outgoing.abort(routed=False)
+        self.live.ended("reset")
 
     # -------------------------------------------------------- trio.abc.Stream
 
@@ -268,7 +283,7 @@ class MemoryStream(SimulatedStream):
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("this stream was closed")
-                if pipe.reset:
+                if pipe.reset_seen():
                     raise _broken(errno.ECONNRESET)
                 wake = math.inf
                 if pipe.route.deliverable():
@@ -321,7 +336,7 @@ class MemoryStream(SimulatedStream):
             await trio.lowlevel.checkpoint()
             if self._closed:
                 raise trio.ClosedResourceError("this stream was closed")
-            if self._outgoing.reset:
+            if self._outgoing.reset_seen():
                 raise _broken(errno.ECONNRESET)
             self._finish_sending()
 
@@ -339,7 +354,7 @@ class MemoryStream(SimulatedStream):
             raise trio.ClosedResourceError("this stream was closed")
         if self._eof_sent:
             raise trio.ClosedResourceError("send_eof was called on this stream")
-        if self._outgoing.reset:
+        if self._outgoing.reset_seen():
             raise _broken(errno.ECONNRESET)
         if self._send_broken:
             raise _broken(errno.EPIPE)
