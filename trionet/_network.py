@@ -5,10 +5,11 @@ How this works
 trionet's servers and clients make kernel sockets -- unless a simulated
 network is active in the current context (:func:`trionet.testing.memory_network`
 sets one).  Then the few places that *make* sockets ask it instead: binding
-listeners (``_listeners``), connecting (``_client``) and binding UDP sockets
-(``_udp``).  Each of them reads one context variable, once, when the socket
-is made; nothing that runs per message or per received chunk ever looks at
-it, so code under no simulated network runs exactly as before.
+listeners (``_listeners``), connecting (``_client``), and making UDP sockets
+and resolving their addresses (``_udp``).  Each of them reads one context
+variable, once, when the socket is made; nothing that runs per message or
+per received chunk ever looks at it, so code under no simulated network runs
+exactly as before.
 
 A context variable, not a global: the network is active for the block that
 set it and for every task started from inside that block (trio copies the
@@ -23,6 +24,8 @@ that uses it, so that imports keep pointing down:
 * :class:`SimulatedStream` -- a connected byte stream, a
   :class:`trio.abc.HalfCloseableStream` that also knows its addresses and
   can be closed without awaiting (as a socket can);
+* UDP sockets are :class:`trio.socket.SocketType` objects: the UDP code
+  drives them with the same calls as trio's own UDP sockets;
 * :class:`SimulatedNetwork` -- the calls that make those.
 """
 
@@ -147,12 +150,24 @@ class SimulatedNetwork(abc.ABC):
         """A client stream to the listener at ``path``."""
 
     @abc.abstractmethod
-    async def bind_udp(
+    async def getaddrinfo(
         self,
-        hosts: Sequence[str | None],
+        host: str | None,
         port: int,
-        *,
-        reuse_port: bool = False,
-        broadcast: bool = False,
-    ) -> list[Any]:
-        """Bound datagram sockets on every address of ``hosts``, one port."""
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[tuple[Any, ...]]:
+        """Resolve as :func:`trio.socket.getaddrinfo` does, in the
+        simulated network's own namespace."""
+
+    @abc.abstractmethod
+    def udp_socket(self, family: int) -> trio.socket.SocketType:
+        """An unbound UDP socket, driven as a trio socket is."""
+
+    @abc.abstractmethod
+    async def bind_udp(
+        self, hosts: Sequence[str | None], port: int, *, reuse_port: bool
+    ) -> list[trio.socket.SocketType]:
+        """Bound UDP sockets on every address of ``hosts``, all on one port."""

@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from .._exceptions import CloseReason, ConnectError, ConnectionClosed, DatagramTooLarge
+from .._network import current_network
 from .._options import port_number
 from .._util import format_address
 from ._common import (
@@ -414,21 +415,22 @@ async def _open_datagram(
     max_size: int,
     oversized: Oversized,
 ) -> Datagram:
+    # (Under a simulated network, its names and its sockets.)
+    network = current_network()
+    getaddrinfo = trio.socket.getaddrinfo if network is None else network.getaddrinfo
     if host is None and remote is None:
         host = "0.0.0.0"
     elif host is None and remote is not None:
         # The wildcard address of the remote's family.
         try:
-            infos = await trio.socket.getaddrinfo(
-                remote[0], remote[1], type=socket.SOCK_DGRAM
-            )
+            infos = await getaddrinfo(remote[0], remote[1], type=socket.SOCK_DGRAM)
         except OSError as exc:
             raise ConnectError(
                 CloseReason.ERROR,
                 f"could not resolve the UDP remote {format_address(remote)}: {exc}",
             ) from exc
         host = "::" if infos[0][0] == socket.AF_INET6 else "0.0.0.0"
-    infos = await trio.socket.getaddrinfo(
+    infos = await getaddrinfo(
         host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
     )
     family, type_, proto, _, sockaddr = infos[0]
@@ -437,7 +439,10 @@ async def _open_datagram(
         raise ValueError(
             "broadcast=True needs an IPv4 local_host: IPv6 has no broadcast"
         )
-    sock = trio.socket.socket(family, type_, proto)
+    if network is None:
+        sock = trio.socket.socket(family, type_, proto)
+    else:
+        sock = network.udp_socket(family)
     try:
         if broadcast:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)

@@ -58,6 +58,7 @@ from .._exceptions import (
     DatagramTooLarge,
 )
 from .._listeners import bind_sockets, reuse_port_option
+from .._network import current_network
 from .._options import non_negative, port_number, positive_int, positive_or_none
 from .._util import format_address, host_handlers, only_own_end, server_in_block
 from ._common import (
@@ -784,7 +785,14 @@ async def _bind_server_sockets(
         if option is not None:
             sock.setsockopt(socket.SOL_SOCKET, option, 1)
 
-    sockets = await bind_sockets([host], port, socket.SOCK_DGRAM, setup)
+    network = current_network()
+    if network is None:
+        sockets = [
+            trio.socket.from_stdlib_socket(sock)
+            for sock in await bind_sockets([host], port, socket.SOCK_DGRAM, setup)
+        ]
+    else:
+        sockets = await network.bind_udp([host], port, reuse_port=options.reuse_port)
     try:
         for sock in sockets:
             check_family_max_size(options.max_size, sock.family)
@@ -792,4 +800,4 @@ async def _bind_server_sockets(
         for sock in sockets:
             sock.close()
         raise
-    return [trio.socket.from_stdlib_socket(sock) for sock in sockets]
+    return sockets

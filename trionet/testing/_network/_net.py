@@ -48,8 +48,16 @@ from ..._options import non_negative, positive_int
 from ..._transport import Address, PeerCredentials, StreamTransport
 from ..._util import format_address
 from ._faults import NO_FAULTS, Faults, LinkState, combine
-from ._records import ConnectionRecord, LiveConnection, Recorder, Traffic
+from ._records import (
+    ConnectionRecord,
+    DatagramFate,
+    DatagramRecord,
+    LiveConnection,
+    Recorder,
+    Traffic,
+)
 from ._stream import MemoryListener, MemoryStream, Pipe, _error, stream_pair
+from ._udp import MemoryDatagramSocket
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
@@ -72,6 +80,14 @@ _current_host: ContextVar[Host | None] = ContextVar("trionet_memory_host", defau
 
 def _is_v6(ip: str) -> bool:
     return ":" in ip
+
+
+def _family_of(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if _is_v6(ip) else socket.AF_INET
+
+
+#: SO_REUSEPORT where the platform has it (never set where it has not).
+_REUSE_PORT = getattr(socket, "SO_REUSEPORT", -1)
 
 
 def _sockaddr(ip: str, port: int) -> Address:
@@ -142,6 +158,27 @@ class Host:
         for bound in self._bound.get((kind, port), ()):
             if _overlaps(bound.bound_ip, ip) and not (reuse_port and bound.reuse_port):
                 raise _error(errno.EADDRINUSE, f"{format_address(_sockaddr(ip, port))}")
+
+    def _find_datagram_socket(
+        self, ip: str, port: int, source: Address
+    ) -> MemoryDatagramSocket | None:
+        """The socket a datagram from ``source`` to (ip, port) goes to, as
+        the kernel picks it: a socket connected to ``source`` first, then
+        one bound to ``ip``, then a wildcard; among several sharing the port
+        (reuse_port), always the same one for one sender."""
+        candidates = [
+            sock
+            for sock in self._bound.get(("udp", port), ())
+            if _overlaps(sock.bound_ip, ip) and sock.accepts_from(source)
+        ]
+        for best in (
+            [s for s in candidates if s.remote is not None],
+            [s for s in candidates if s.bound_ip == ip],
+            candidates,
+        ):
+            if best:
+                return best[best[0].pick_key(source) % len(best)]  # type: ignore[no-any-return]
+        return None
 
     def _find(self, kind: _Kind, ip: str, port: int) -> Any | None:
         """The socket bound to receive at (ip, port): an exact address
@@ -497,12 +534,14 @@ class MemoryNetwork(SimulatedNetwork):
         return local or frozenset({source, destination}) not in self._partitions
 
     def _arrival(self, source: Host, destination: Host, now: float, size: int) -> float:
+        faults = self._faults_between(source, destination)
+        return self._state(source, destination).arrival(faults, now, size)
+
+    def _faults_between(self, source: Host, destination: Host) -> Faults:
         link = self._links.get(frozenset({source, destination}), NO_FAULTS)
         if source is destination:
-            faults = combine(source._faults, link)
-        else:
-            faults = combine(source._faults, link, destination._faults)
-        return self._state(source, destination).arrival(faults, now, size)
+            return combine(source._faults, link)
+        return combine(source._faults, link, destination._faults)
 
     def _state(self, source: Host, destination: Host) -> LinkState:
         key = (source, destination)
@@ -771,15 +810,127 @@ class MemoryNetwork(SimulatedNetwork):
 
     # -------------------------------------------------------------------- UDP
 
-    async def bind_udp(
+    async def getaddrinfo(
         self,
-        hosts: Sequence[str | None],
+        host: str | None,
         port: int,
-        *,
-        reuse_port: bool = False,
-        broadcast: bool = False,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[tuple[Any, ...]]:
+        await trio.lowlevel.checkpoint()
+        if host is None:
+            passive = flags & socket.AI_PASSIVE
+            ips = ["0.0.0.0", "::"] if passive else ["127.0.0.1", "::1"]
+        elif _ip(host) is not None:
+            ips = [str(_ip(host))]
+        else:
+            ips = self._resolve(host)
+        found = [
+            (_family_of(ip), type or socket.SOCK_DGRAM, proto, "", _sockaddr(ip, port))
+            for ip in ips
+            if family in (0, _family_of(ip))
+        ]
+        if not found:
+            raise socket.gaierror(
+                socket.EAI_ADDRFAMILY, f"no address of that family for {host!r}"
+            )
+        return found
+
+    def udp_socket(self, family: int) -> MemoryDatagramSocket:
+        return MemoryDatagramSocket(self, socket.AddressFamily(family))
+
+    async def bind_udp(
+        self, hosts: Sequence[str | None], port: int, *, reuse_port: bool
     ) -> list[Any]:
-        raise NotImplementedError  # pragma: no cover
+        await trio.lowlevel.checkpoint()
+        targets = self._bind_targets(hosts)
+        port = self._choose_port("udp", targets, port, reuse_port)
+        sockets: list[MemoryDatagramSocket] = []
+        for host, ip in targets:
+            sock = MemoryDatagramSocket(self, _family_of(ip))
+            sock.reuse_port = reuse_port
+            self._register_datagram(sock, host, ip, port)
+            sockets.append(sock)
+        return sockets
+
+    def _register_datagram(
+        self, sock: MemoryDatagramSocket, host: Host, ip: str, port: int
+    ) -> None:
+        host._bound.setdefault(("udp", port), []).append(sock)
+        sock.bound(host, ip, port)
+
+    def _bind_datagram(self, sock: MemoryDatagramSocket, ip: str, port: int) -> None:
+        """Bind ``sock`` to (ip, port); port 0 picks a free one."""
+        targets = [
+            (host, bound)
+            for host, bound in self._bind_targets([ip or None])
+            if _family_of(bound) == sock.family
+        ]
+        if not targets:
+            raise _error(errno.EADDRNOTAVAIL, ip)
+        reuse = bool(sock.getsockopt(socket.SOL_SOCKET, _REUSE_PORT))
+        sock.reuse_port = reuse
+        port = self._choose_port("udp", targets[:1], port, reuse)
+        self._register_datagram(sock, targets[0][0], targets[0][1], port)
+
+    def _datagram_destination(self, family: int, host: str) -> str:
+        """The IP a datagram to ``host`` goes to (OSError as the kernel's)."""
+        for ip in self._resolve(host):
+            if _family_of(ip) == family:
+                return ip
+        raise _error(errno.EAFNOSUPPORT, f"{host} is of another address family")
+
+    def _send_datagram(
+        self,
+        sock: MemoryDatagramSocket,
+        source: Address,
+        destination: Address,
+        payload: bytes,
+    ) -> None:
+        """Decide what becomes of one datagram, and record it."""
+        origin = sock.host
+        target_ip = str(destination[0])
+        target_host = self._host_of_ip(target_ip)
+        assert origin is not None and target_host is not None
+        size = len(payload)
+
+        def record(fate: DatagramFate, duplicate: bool = False) -> None:
+            self._recorder.datagram(
+                DatagramRecord(
+                    sent_at=self._now(),
+                    source=source,
+                    destination=destination,
+                    size=size,
+                    fate=fate,
+                    duplicate=duplicate,
+                )
+            )
+
+        if origin._down or target_host._down:
+            return record("host down")
+        if not self._deliverable(origin, target_host, local=False):
+            return record("partitioned")
+        state = self._state(origin, target_host)
+        faults = self._faults_between(origin, target_host)
+        if state.chance(faults.loss):
+            return record("lost")
+        copies = 2 if state.chance(faults.duplicate) else 1
+        now = trio.current_time()
+        for copy in range(copies):
+            target = target_host._find_datagram_socket(
+                target_ip, int(destination[1]), source
+            )
+            if target is None:
+                if copy == 0:
+                    sock.unreachable()
+                record("unreachable", copy > 0)
+                continue
+            arrival = state.arrival(faults, now, size)
+            if state.chance(faults.reorder):
+                arrival += faults.reorder_delay
+            record(target.enqueue(arrival, payload, source), copy > 0)
 
     # -------------------------------------------------------------- activation
 
