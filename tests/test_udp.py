@@ -45,10 +45,15 @@ from trionet import (
 from trionet._udp._server import _UdpOptionsDict
 from trionet._util import only_own_end
 
+from .conftest import kernel_only
+
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 LINUX = sys.platform.startswith("linux")
+
+#: Every test here runs over the kernel and over a memory network.
+pytestmark = pytest.mark.usefixtures("network")
 
 
 def _can_bind_ipv6_loopback() -> bool:
@@ -353,6 +358,7 @@ async def test_connect_to_other_family_fails_clearly() -> None:
     assert "local_host and remote must be of the same address family" in str(info.value)
 
 
+@kernel_only
 async def test_wrapping_a_socket() -> None:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await sock.bind(("127.0.0.1", 0))
