@@ -10,12 +10,13 @@ conftest.py.)
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import socket
 import ssl
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -114,7 +115,7 @@ def test_bytes_arrive_whole_and_in_order_whatever_the_chunking(
         client, server = await raw_pair(net)
 
         async def send() -> None:
-            view, cuts = memoryview(data), iter(sends * (len(data) // 1 + 1))
+            view, cuts = memoryview(data), itertools.cycle(sends)
             while view:
                 size = next(cuts)
                 await client.send_all(view[:size])
@@ -124,7 +125,7 @@ def test_bytes_arrive_whole_and_in_order_whatever_the_chunking(
         got = bytearray()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
-            sizes = iter(receives * (len(data) + 1))
+            sizes = itertools.cycle(receives)
             while chunk := await server.receive_some(next(sizes)):
                 got += chunk
         assert got == data
@@ -537,6 +538,7 @@ async def test_a_peer_that_stops_reading_backs_up_and_is_evicted() -> None:
             send_queue_size=4,
             send_queue_bytes=4096,
             broadcast_headroom=0,
+            grace_period=0,
         ) as server:
             conn = await trionet.connect_tcp("127.0.0.1", server.port)
             await trio.testing.wait_all_tasks_blocked()
@@ -689,6 +691,227 @@ async def test_the_same_seed_gives_the_same_traffic(
     assert len(first.connections) == 3
     assert first == again
     assert first != other  # the jitter differed, so did the times
+
+
+# ---------------------------------------------------------------- datagrams
+
+
+@asynccontextmanager
+async def udp_link(
+    net: MemoryNetwork,
+) -> AsyncIterator[tuple[trionet.Datagram, trionet.Datagram]]:
+    """A sender on host "app" connected to a receiver on host "db"."""
+    for name in ("app", "db"):
+        if name not in [h.name for h in net.hosts]:
+            net.add_host(name)
+    async with trionet.open_udp(local_host="db") as receiver:
+        with net.on_host("app"):
+            async with trionet.open_udp(
+                remote=("db", receiver.local_address[1])
+            ) as sender:
+                yield sender, receiver
+
+
+async def drain(endpoint: trionet.Datagram) -> list[bytes]:
+    """Every datagram that arrives until nothing has for a minute."""
+    got = []
+    while True:
+        with trio.move_on_after(60):
+            got.append(await endpoint.receive_from())
+            continue
+        return [data for data, _address in got]
+
+
+async def test_datagram_loss_is_seeded_and_recorded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_network(seed=1) as net:
+        async with udp_link(net) as (sender, receiver):
+            net.set_faults("app", "db", loss=0.1)
+            for number in range(1000):
+                await sender.send(b"%d" % number)
+            got = await drain(receiver)
+        records = net.traffic().datagrams
+    assert len(records) == 1000
+    lost = [r for r in records if r.fate == "lost"]
+    # About 10%, and exactly what the record says: no other datagram missing.
+    assert 60 < len(lost) < 140
+    assert len(got) == 1000 - len(lost)
+    assert got == [b"%d" % n for n in range(1000) if records[n].fate == "delivered"]
+    assert all(r.dropped == (r.fate != "delivered") for r in records)
+    assert records[0].source == ("127.0.0.2", 32768)
+    assert records[0].destination == ("127.0.0.3", 32768)
+    assert records[0].size == 1
+
+
+async def test_duplicates_arrive_twice_and_are_recorded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_network() as net:
+        async with udp_link(net) as (sender, receiver):
+            net.set_faults("db", duplicate=1.0)
+            for number in range(5):
+                await sender.send(b"%d" % number)
+            got = await drain(receiver)
+        records = net.traffic().datagrams
+    assert sorted(got) == sorted([b"%d" % n for n in range(5)] * 2)
+    assert [r.duplicate for r in records] == [False, True] * 5
+
+
+async def test_reordering_and_jitter_change_the_order_not_the_set(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    for faults in ({"reorder": 0.3, "reorder_delay": 0.05}, {"jitter": 0.05}):
+        async with memory_network(seed=2) as net:
+            async with udp_link(net) as (sender, receiver):
+                net.set_faults("app", "db", **faults)
+                sent = [b"%d" % n for n in range(50)]
+                for data in sent:
+                    await sender.send(data)
+                    await trio.sleep(0.01)
+                got = await drain(receiver)
+        assert sorted(got) == sorted(sent)
+        assert got != sent, faults
+
+
+async def test_datagram_latency_and_bandwidth(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_network() as net:
+        async with udp_link(net) as (sender, receiver):
+            net.set_faults("app", latency=0.2)
+            start = trio.current_time()
+            await sender.send(b"hello")
+            assert await receiver.receive_from() == (b"hello", sender.local_address)
+            assert trio.current_time() - start == pytest.approx(0.2)
+            net.set_faults("app", "db", bandwidth=10_000)
+            start = trio.current_time()
+            for _ in range(10):
+                await sender.send(bytes(1000))
+            for _ in range(10):
+                await receiver.receive_from()
+            # 10 kB at 10 kB/s, then the latency.
+            assert trio.current_time() - start == pytest.approx(1.2)
+
+
+async def test_partitions_down_hosts_and_full_buffers_drop_datagrams() -> None:
+    async with memory_network(buffer_size=3000) as net:
+        async with udp_link(net) as (sender, receiver):
+            net.partition("app", "db")
+            await sender.send(b"partitioned")
+            net.heal()
+            net.take_down("db")
+            await sender.send(b"host down")
+            net.bring_up("db")
+            for _ in range(4):
+                await sender.send(bytes(1000))  # the fourth does not fit
+            await sender.send(b"x" * 10)
+            await trio.testing.wait_all_tasks_blocked()
+            got = [len((await receiver.receive_from())[0]) for _ in range(3)]
+        fates = [r.fate for r in net.traffic().datagrams]
+    assert fates == [
+        "partitioned",
+        "host down",
+        "delivered",
+        "delivered",
+        "delivered",
+        "overflow",
+        "overflow",
+    ]
+    assert got == [1000, 1000, 1000]
+
+
+async def test_a_connected_sender_hears_that_nobody_listens() -> None:
+    async with memory_network() as net:
+        async with trionet.open_udp(remote=("127.0.0.1", 9999)) as sender:
+            await sender.send(b"anyone?")
+            with pytest.raises(trionet.DatagramError) as info:
+                await sender.receive()
+        assert info.value.errno == errno.ECONNREFUSED
+        [record] = net.traffic().datagrams
+        assert record.fate == "unreachable"
+
+
+async def test_udp_peers_expire_under_a_mock_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    closed: list[CloseReason | None] = []
+    expired = trio.Event()
+
+    async def remember(peer: trionet.UdpPeer) -> None:
+        try:
+            async for data in peer:
+                await peer.send(data)
+        finally:
+            closed.append(peer.close_reason)
+            expired.set()
+
+    async with memory_network():
+        async with trionet.open_udp_server(
+            remember, host="127.0.0.1", idle_timeout=600, grace_period=0
+        ) as server:
+            async with trionet.open_udp(remote=("127.0.0.1", server.port)) as ep:
+                start = trio.current_time()
+                await ep.send(b"once")
+                assert await ep.receive() == b"once"
+                await expired.wait()
+                assert trio.current_time() - start == pytest.approx(600)
+                assert server.statistics().open_peers == 0
+    assert closed == [CloseReason.TIMEOUT]
+
+
+async def test_one_sender_always_reaches_the_same_reuse_port_socket() -> None:
+    seen: dict[int, set[tuple[object, ...]]] = {0: set(), 1: set()}
+
+    def handler(index: int) -> Callable[[trionet.UdpPeer], Awaitable[None]]:
+        async def record(peer: trionet.UdpPeer) -> None:
+            async for _data in peer:
+                seen[index].add(peer.remote_address)
+
+        return record
+
+    async with memory_network():
+        async with trionet.open_udp_server(
+            handler(0), host="127.0.0.1", reuse_port=True, grace_period=0
+        ) as first:
+            async with trionet.open_udp_server(
+                handler(1),
+                first.port,
+                host="127.0.0.1",
+                reuse_port=True,
+                grace_period=0,
+            ):
+                for _client in range(8):
+                    async with trionet.open_udp(remote=("127.0.0.1", first.port)) as ep:
+                        for _ in range(3):
+                            await ep.send(b"x")
+                await trio.testing.wait_all_tasks_blocked()
+    # Each sender went to one socket only; both sockets got senders.
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 8
+    assert seen[0] and seen[1]
+
+
+async def datagrams_of_a_run(seed: int) -> trionet.testing.Traffic:
+    async with memory_network(seed=seed) as net:
+        async with udp_link(net) as (sender, receiver):
+            net.set_faults(
+                "app", "db", loss=0.2, duplicate=0.1, reorder=0.1, jitter=0.01
+            )
+            for number in range(200):
+                await sender.send(b"%d" % number)
+            await drain(receiver)
+        return net.traffic()
+
+
+async def test_the_same_seed_gives_the_same_datagrams(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    first = await datagrams_of_a_run(seed=7)
+    again = await datagrams_of_a_run(seed=7)
+    other = await datagrams_of_a_run(seed=8)
+    assert first == again
+    assert [r.fate for r in first.datagrams] != [r.fate for r in other.datagrams]
 
 
 # ---------------------------------------------------------- the pytest plugin
