@@ -345,6 +345,29 @@ async def test_tls_runs_over_the_memory_transport(
     assert b"secret" not in record.data_to_server + record.data_to_client
 
 
+@pytest.mark.usefixtures("network")
+async def test_what_a_failing_handler_sent_first_still_arrives(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over the kernel and the memory network alike: a send goes out at
+    once when the buffer has room, so a handler that fails right after it
+    does not take its words back (the peer sees them, then the end)."""
+
+    async def greet_then_fail(conn: trionet.Connection) -> None:
+        await conn.send(b"hello")
+        raise RuntimeError("bug")
+
+    async with trionet.open_tcp_server(
+        greet_then_fail, host="127.0.0.1", framing=LINES
+    ) as server:
+        async with trionet.connect_tcp("127.0.0.1", server.port, framing=LINES) as conn:
+            assert await conn.receive() == b"hello"
+            with pytest.raises(ConnectionClosed) as info:
+                await conn.receive()
+            assert info.value.reason is CloseReason.CLOSED_BY_PEER
+    assert [type(e) for e in server.handler_exceptions] == [RuntimeError]
+
+
 # ----------------------------------------------------------- time and faults
 
 

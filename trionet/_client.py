@@ -17,7 +17,12 @@ from ._codec import Framing
 from ._connection import Connection, TlsSettings
 from ._exceptions import CloseReason, ConnectError
 from ._network import SimulatedStream, current_network
-from ._transport import SocketTransport, StreamTransport, check_server_hostname
+from ._transport import (
+    SimulatedTransport,
+    SocketTransport,
+    StreamTransport,
+    check_server_hostname,
+)
 from ._util import format_address
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -102,7 +107,7 @@ async def _connect(
                 (
                     SocketTransport.from_trio_socket(stream.socket)
                     if isinstance(stream, trio.SocketStream)
-                    else StreamTransport(stream)
+                    else SimulatedTransport(stream)
                 ),
                 framing,
             )

@@ -75,6 +75,11 @@ class SimulatedStream(trio.abc.HalfCloseableStream):
         would report them."""
 
     @abc.abstractmethod
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Send what fits now, without waiting (as a non-blocking socket's
+        ``send`` does); return the byte count."""
+
+    @abc.abstractmethod
     def refuse(self) -> None:
         """A server refused this client: drop what it sent so far (bounded)
         and end the stream, so that the client sees an end of stream rather

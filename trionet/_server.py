@@ -60,7 +60,13 @@ from ._sending import (
     QueuedSendPath,
     SendLimits,
 )
-from ._transport import Address, SocketTransport, StreamTransport, peer_credentials
+from ._transport import (
+    Address,
+    SimulatedTransport,
+    SocketTransport,
+    StreamTransport,
+    peer_credentials,
+)
 from ._util import (
     call_maybe_async,
     format_address,
@@ -839,7 +845,7 @@ def _close_socket(sock: Listener | Accepted) -> None:
 def _plain_transport(sock: Accepted) -> SocketTransport | StreamTransport:
     if isinstance(sock, socket.socket):
         return SocketTransport(sock)
-    return StreamTransport(sock)
+    return SimulatedTransport(sock)
 
 
 def _trio_stream(sock: Accepted) -> trio.abc.Stream:

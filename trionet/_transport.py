@@ -47,6 +47,7 @@ from ._network import SimulatedStream
 __all__ = [
     "Address",
     "PeerCredentials",
+    "SimulatedTransport",
     "SocketTransport",
     "StreamTransport",
     "Transport",
@@ -476,6 +477,19 @@ class StreamTransport(Transport):
 
     def trio_stream(self) -> trio.abc.Stream:
         return self._stream
+
+
+class SimulatedTransport(StreamTransport):
+    """A simulated network's stream (``trionet/_network.py``).  It takes
+    bytes without awaiting, as a socket does, so a send goes out at once
+    rather than through a writer task, as over :class:`SocketTransport`."""
+
+    __slots__ = ()
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        stream = self._stream
+        assert isinstance(stream, SimulatedStream)
+        return stream.send_nowait(data)
 
 
 def _is_tls_eof(exc: BaseException | None) -> bool:

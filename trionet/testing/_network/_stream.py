@@ -21,11 +21,12 @@ Closing follows the kernel:
 * ``send_eof`` (or a close with nothing unread) ends the stream after the
   bytes already written, like a FIN;
 * closing with bytes still unread resets the connection, like an RST:
-  both pipes drop what they hold, and the peer's next receive or send
-  raises :class:`trio.BrokenResourceError` caused by
+  what the closing end had not read is dropped, and so is what it sent that
+  has not arrived yet; the peer reads what had arrived, then its receive
+  (and its next send) raises :class:`trio.BrokenResourceError` caused by
   :class:`ConnectionResetError` -- once the RST can reach it: not across a
   partition (a reset the network injects, or a host going down, is seen at
-  once);
+  once, after the bytes that had arrived);
 * sending to a peer that has closed its end is accepted once (the bytes go
   nowhere); later sends raise :class:`trio.BrokenResourceError` caused by
   :class:`BrokenPipeError`, as after the peer's RST.
@@ -140,16 +141,29 @@ class Pipe:
             self.eof_at = self._arrival(0)
             self.readable.unpark_all()
 
-    def abort(self, routed: bool) -> None:
-        """A reset: drop everything; both ends' waiters wake to see it.
-        ``routed``: it is an RST sent by an end, which a partition holds up."""
+    def abort(self, routed: bool, *, keep_arrived: bool = True) -> None:
+        """A reset; both ends' waiters wake to see it.
+
+        Bytes that have arrived stay readable before it, as in a kernel's
+        receive buffer (unless ``keep_arrived`` is false: nobody will read
+        them); bytes still on their way are lost.  ``routed``: the reset is
+        an RST one end sent, which a partition holds up.
+        """
         if not self.reset:
             self.reset = True
             self.reset_routed = routed
         elif not routed:
             self.reset_routed = False
-        self.segments.clear()
-        self.nbytes = 0
+        segments = self.segments
+        if keep_arrived:
+            now = trio.current_time()
+            while segments and segments[-1][0] > now:  # type: ignore[operator]
+                view = segments.pop()[1]
+                assert isinstance(view, memoryview)
+                self.nbytes -= len(view)
+        else:
+            segments.clear()
+            self.nbytes = 0
         self.wake()
 
     def reset_seen(self) -> bool:
@@ -252,7 +266,7 @@ class MemoryStream(SimulatedStream):
         incoming, outgoing = self._incoming, self._outgoing
         if incoming.nbytes and not incoming.reset:
             # Unread bytes: the kernel answers a close with a reset.
-            incoming.abort(routed=True)
+            incoming.abort(routed=True, keep_arrived=False)
             outgoing.abort(routed=True)
             self.live.ended("reset")
         elif not outgoing.reset:
@@ -283,14 +297,15 @@ class MemoryStream(SimulatedStream):
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("this stream was closed")
+                wake = math.inf
+                deliverable = pipe.route.deliverable()
+                now = trio.current_time()
+                if deliverable and (data := pipe.take(max_bytes, now)):
+                    return data
+                # (What arrived before a reset is read first, as on Linux.)
                 if pipe.reset_seen():
                     raise _broken(errno.ECONNRESET)
-                wake = math.inf
-                if pipe.route.deliverable():
-                    now = trio.current_time()
-                    data = pipe.take(max_bytes, now)
-                    if data:
-                        return data
+                if deliverable:
                     eof_at = pipe.eof_at
                     if not pipe.segments and eof_at is not None and eof_at <= now:
                         return b""
@@ -302,24 +317,35 @@ class MemoryStream(SimulatedStream):
         with self._send_guard:
             await trio.lowlevel.checkpoint()
             view = memoryview(bytes(data))
-            pipe = self._outgoing
             while True:
-                self._check_sending()
-                if pipe.receiver_closed:
-                    # The peer closed its end: these bytes go nowhere, and
-                    # its reset makes the next send fail.
-                    if view:
-                        pipe.live.sent(pipe.to_server, view)
-                        self._send_broken = True
-                    return
+                view = view[self._put(view) :]
                 if not view:
                     return
-                room = pipe.capacity - pipe.nbytes
-                if room > 0:
-                    pipe.put(view[:room])
-                    view = view[room:]
-                    continue
-                await pipe.writable.park()
+                await self._outgoing.writable.park()
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        if self._send_guard._busy:
+            return 0  # (a send_all is waiting: bytes must not overtake it)
+        self._check_sending()
+        room = self._outgoing.capacity - self._outgoing.nbytes
+        return self._put(memoryview(bytes(data[:room])))
+
+    def _put(self, view: memoryview) -> int:
+        """Write what fits of ``view`` (bytes of our own) now; return how
+        many bytes went."""
+        self._check_sending()
+        pipe = self._outgoing
+        if pipe.receiver_closed:
+            # The peer closed its end: these bytes go nowhere, and its
+            # reset makes the next send fail.
+            if view:
+                pipe.live.sent(pipe.to_server, view)
+                self._send_broken = True
+            return len(view)
+        taken = min(len(view), pipe.capacity - pipe.nbytes)
+        if taken > 0:
+            pipe.put(view[:taken])
+        return max(taken, 0)
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_guard:
