@@ -56,8 +56,10 @@ async def echo_server(
 
 
 async def raw_pair(net: MemoryNetwork) -> tuple[MemoryStream, MemoryStream]:
-    """A bare connected pair of memory streams (client end, server end)."""
-    [listener] = await net.listen_tcp(
+    """A bare connected pair of memory streams (client end, server end),
+    made with the calls trionet's socket code makes."""
+    calls = net._calls
+    [listener] = await calls.listen_tcp(
         ["127.0.0.1"],
         0,
         backlog=None,
@@ -65,7 +67,7 @@ async def raw_pair(net: MemoryNetwork) -> tuple[MemoryStream, MemoryStream]:
         so_sndbuf=None,
         so_rcvbuf=None,
     )
-    client = await net.connect_tcp("127.0.0.1", listener.getsockname()[1], None)
+    client = await calls.connect_tcp("127.0.0.1", listener.getsockname()[1], None)
     server, _address = listener.accept()
     listener.close()
     assert isinstance(server, MemoryStream)
@@ -142,7 +144,7 @@ async def test_each_network_is_its_own_and_only_in_its_block() -> None:
 
     async def one_network(task_status: trio.TaskStatus[None]) -> None:
         async with memory_network() as net:
-            assert current_network() is net
+            assert current_network() is net._calls
             async with echo_server() as server:
                 ports.append(server.port)
                 task_status.started()

@@ -2,7 +2,7 @@
 (see ``_net.py`` for how it works)."""
 
 from ._faults import Faults as Faults
-from ._net import Host as Host
+from ._hosts import Host as Host
 from ._net import MemoryNetwork as MemoryNetwork
 from ._net import memory_network as memory_network
 from ._records import ConnectionRecord as ConnectionRecord

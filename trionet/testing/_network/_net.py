@@ -2,9 +2,10 @@
 
 How this works
 --------------
-:class:`MemoryNetwork` implements the seam of ``trionet/_network.py``: while
-it is active (a context variable, see :func:`memory_network`), trionet's
-servers and clients ask it for listeners, connections and datagram sockets
+While a :class:`MemoryNetwork` is active (a context variable, see
+:func:`memory_network`), trionet's servers and clients ask it -- through its
+``SocketCalls`` (``_sockets.py``), its side of the seam of
+``trionet/_network.py`` -- for listeners, connections and datagram sockets
 instead of the kernel.  Nothing else in trionet changes, so the code under
 test is the code that runs in production.
 
@@ -31,225 +32,40 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
-import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import attrs
 import trio
 
 from ..._connection import Connection
-from ..._network import SimulatedNetwork, active_network
+from ..._network import active_network
 from ..._options import non_negative, positive_int
-from ..._transport import Address, PeerCredentials, StreamTransport
-from ..._util import format_address
+from ..._transport import StreamTransport
 from ._faults import NO_FAULTS, Faults, LinkState, combine
-from ._records import (
-    ConnectionRecord,
-    DatagramFate,
-    DatagramRecord,
-    LiveConnection,
-    Recorder,
-    Traffic,
+from ._hosts import (
+    EPHEMERAL_FIRST,
+    EPHEMERAL_LAST,
+    Host,
+    Kind,
+    _ip,
+    _Pair,
 )
-from ._stream import MemoryListener, MemoryStream, Pipe, _error, stream_pair
-from ._udp import MemoryDatagramSocket
+from ._records import ConnectionRecord, LiveConnection, Recorder, Traffic
+from ._sockets import SocketCalls
+from ._stream import MemoryStream, _error
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import ExceptionGroup
+__all__ = ["MemoryNetwork", "memory_network"]
 
-__all__ = ["Host", "MemoryNetwork", "Route", "memory_network"]
-
-#: The first port given out for port 0 and for clients (Linux's default range).
-EPHEMERAL_FIRST = 32768
-EPHEMERAL_LAST = 60999
-#: The accept backlog when a server gives none (Linux's ``somaxconn``).
-DEFAULT_BACKLOG = 4096
 #: Bytes each direction of a connection holds (sent, not yet read) by default.
 DEFAULT_BUFFER_SIZE = 256 * 1024
 
 HostRef: TypeAlias = "str | Host"
-_Kind: TypeAlias = Literal["tcp", "udp"]
 
 _current_host: ContextVar[Host | None] = ContextVar("trionet_memory_host", default=None)
-
-
-def _is_v6(ip: str) -> bool:
-    return ":" in ip
-
-
-def _family_of(ip: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if _is_v6(ip) else socket.AF_INET
-
-
-#: SO_REUSEPORT where the platform has it (never set where it has not).
-_REUSE_PORT = getattr(socket, "SO_REUSEPORT", -1)
-
-
-def _sockaddr(ip: str, port: int) -> Address:
-    # (IPv6 addresses have four fields, as the socket module gives them.)
-    return (ip, port, 0, 0) if _is_v6(ip) else (ip, port)
-
-
-def _overlaps(a: str, b: str) -> bool:
-    if _is_v6(a) != _is_v6(b):
-        return False
-    return a == b or a in ("0.0.0.0", "::") or b in ("0.0.0.0", "::")
-
-
-class Host:
-    """A simulated machine on a :class:`MemoryNetwork`.
-
-    Get one from :meth:`MemoryNetwork.add_host` or :meth:`MemoryNetwork.host`.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, name: str, addresses: Sequence[str]) -> None:
-        #: The host's name (an address for hosts made by using an address).
-        self.name = name
-        #: The host's addresses (loopback addresses; the first IPv4 one is
-        #: where its connections come from).
-        self.addresses: tuple[str, ...] = tuple(addresses)
-        self._faults = NO_FAULTS
-        self._down = False
-        # Bound TCP listeners and UDP sockets: (kind, port) -> [bound].
-        self._bound: dict[tuple[_Kind, int], list[Any]] = {}
-        self._unix: dict[str, MemoryListener] = {}
-        self._next_port = EPHEMERAL_FIRST
-        self._client_ports: set[int] = set()
-        self._round_robin: dict[tuple[_Kind, int], int] = {}
-
-    def __repr__(self) -> str:
-        state = " down" if self._down else ""
-        return f"<trionet.testing.Host {self.name} {list(self.addresses)}{state}>"
-
-    @property
-    def faults(self) -> Faults:
-        """The faults of every packet to or from this host."""
-        return self._faults
-
-    @property
-    def down(self) -> bool:
-        """Whether the host is down (see :meth:`MemoryNetwork.take_down`)."""
-        return self._down
-
-    def _address(self, v6: bool) -> str | None:
-        return next((ip for ip in self.addresses if _is_v6(ip) == v6), None)
-
-    def _in_use(self, kind: _Kind, port: int) -> bool:
-        return bool(self._bound.get((kind, port))) or (
-            kind == "tcp" and port in self._client_ports
-        )
-
-    def _ephemeral(self, kind: _Kind) -> int:
-        for _ in range(EPHEMERAL_LAST - EPHEMERAL_FIRST + 1):
-            port = self._next_port
-            self._next_port = EPHEMERAL_FIRST if port >= EPHEMERAL_LAST else port + 1
-            if not self._in_use(kind, port):
-                return port
-        raise _error(errno.EADDRNOTAVAIL, f"no free port left on {self.name}")
-
-    def _check_free(self, kind: _Kind, ip: str, port: int, reuse_port: bool) -> None:
-        for bound in self._bound.get((kind, port), ()):
-            if _overlaps(bound.bound_ip, ip) and not (reuse_port and bound.reuse_port):
-                raise _error(errno.EADDRINUSE, f"{format_address(_sockaddr(ip, port))}")
-
-    def _find_datagram_socket(
-        self, ip: str, port: int, source: Address
-    ) -> MemoryDatagramSocket | None:
-        """The socket a datagram from ``source`` to (ip, port) goes to, as
-        the kernel picks it: a socket connected to ``source`` first, then
-        one bound to ``ip``, then a wildcard; among several sharing the port
-        (reuse_port), always the same one for one sender."""
-        candidates = [
-            sock
-            for sock in self._bound.get(("udp", port), ())
-            if _overlaps(sock.bound_ip, ip) and sock.accepts_from(source)
-        ]
-        for best in (
-            [s for s in candidates if s.remote is not None],
-            [s for s in candidates if s.bound_ip == ip],
-            candidates,
-        ):
-            if best:
-                return best[best[0].pick_key(source) % len(best)]  # type: ignore[no-any-return]
-        return None
-
-    def _find(self, kind: _Kind, ip: str, port: int) -> Any | None:
-        """The socket bound to receive at (ip, port): an exact address
-        before a wildcard; several with ``reuse_port`` take turns."""
-        candidates = [
-            b for b in self._bound.get((kind, port), ()) if _overlaps(b.bound_ip, ip)
-        ]
-        exact = [b for b in candidates if b.bound_ip == ip]
-        choice = exact or candidates
-        if not choice:
-            return None
-        turn = self._round_robin.get((kind, port), 0)
-        self._round_robin[(kind, port)] = turn + 1
-        return choice[turn % len(choice)]
-
-
-class Route:
-    """One direction between two hosts, as packets see it."""
-
-    __slots__ = ("destination", "local", "network", "source")
-
-    def __init__(
-        self, network: MemoryNetwork, source: Host, destination: Host, local: bool
-    ) -> None:
-        self.network = network
-        self.source = source
-        self.destination = destination
-        #: A UNIX socket: within one host, no faults but the host going down.
-        self.local = local
-
-    def deliverable(self) -> bool:
-        """Whether packets get through right now."""
-        return self.network._deliverable(self.source, self.destination, self.local)
-
-    def arrival(self, now: float, size: int) -> float:
-        """When ``size`` bytes sent now arrive."""
-        if self.local:
-            return now
-        return self.network._arrival(self.source, self.destination, now, size)
-
-
-class _Pair:
-    """The two ends of one connection, for resets and clean-up."""
-
-    def __init__(
-        self,
-        network: MemoryNetwork,
-        live: LiveConnection,
-        pipes: tuple[Pipe, Pipe],
-        hosts: tuple[Host, Host],
-        client_port: int | None,
-    ) -> None:
-        self.network = network
-        self.live = live
-        self.pipes = pipes
-        self.hosts = hosts
-        self.client_port = client_port
-        self.ends: tuple[MemoryStream, MemoryStream] | None = None
-        self._closed = 0
-
-    def end_closed(self) -> None:
-        self._closed += 1
-        if self._closed == 2:
-            self.live.ended("closed")
-            if self.client_port is not None:
-                self.hosts[0]._client_ports.discard(self.client_port)
-            self.network._pairs.pop(self.live.id, None)
-
-    def reset(self) -> None:
-        assert self.ends is not None
-        self.ends[0].reset()
 
 
 @attrs.frozen(kw_only=True)
@@ -261,7 +77,7 @@ class _Options:
     max_records: int = attrs.field(default=100_000, validator=positive_int)
 
 
-class MemoryNetwork(SimulatedNetwork):
+class MemoryNetwork:
     """A simulated network that trionet's servers and clients use instead
     of the kernel's while it is active.
 
@@ -307,6 +123,8 @@ class MemoryNetwork(SimulatedNetwork):
         self._localhost = self._new_host("localhost", ["127.0.0.1", "::1"])
         # Records give times from here: when the network was first used.
         self._epoch: float | None = None
+        # What trionet's socket code calls while this network is active.
+        self._calls = SocketCalls(self)
 
     def __repr__(self) -> str:
         return f"<trionet.testing.MemoryNetwork hosts={list(self._hosts)}>"
@@ -616,7 +434,7 @@ class MemoryNetwork(SimulatedNetwork):
         return targets
 
     def _choose_port(
-        self, kind: _Kind, targets: list[tuple[Host, str]], port: int, reuse: bool
+        self, kind: Kind, targets: list[tuple[Host, str]], port: int, reuse: bool
     ) -> int:
         if port:
             for host, ip in targets:
@@ -629,331 +447,17 @@ class MemoryNetwork(SimulatedNetwork):
                 return port
         raise _error(errno.EADDRINUSE, "no port is free on every address")
 
-    # -------------------------------------------------------------------- TCP
-
-    async def listen_tcp(
-        self,
-        hosts: Sequence[str | None],
-        port: int,
-        *,
-        backlog: int | None,
-        reuse_port: bool,
-        so_sndbuf: int | None,
-        so_rcvbuf: int | None,
-    ) -> list[Any]:
-        await trio.lowlevel.checkpoint()
-        targets = self._bind_targets(hosts)
-        port = self._choose_port("tcp", targets, port, reuse_port)
-        listeners: list[Any] = []
-        for host, ip in targets:
-
-            def unbind(listener: MemoryListener, host: Host = host) -> None:
-                host._bound[("tcp", port)].remove(listener)
-
-            listener = MemoryListener(
-                _sockaddr(ip, port),
-                _backlog(backlog),
-                unbind,
-                so_sndbuf=so_sndbuf,
-                so_rcvbuf=so_rcvbuf,
-                reuse_port=reuse_port,
-            )
-            host._bound.setdefault(("tcp", port), []).append(listener)
-            listeners.append(listener)
-        return listeners
-
-    async def connect_tcp(
-        self, host: str, port: int, local_address: str | None
-    ) -> MemoryStream:
-        ips = self._resolve(host)
-        errors: list[OSError] = []
-        for ip in ips:
-            try:
-                return await self._connect_to(local_address, ip, port)
-            except OSError as exc:
-                errors.append(exc)
-        message = f"all attempts to connect to {format_address((host, port))} failed"
-        raise OSError(message) from ExceptionGroup(message, errors)
-
-    async def _connect_to(
-        self, local_address: str | None, ip: str, port: int
-    ) -> MemoryStream:
-        await trio.lowlevel.checkpoint()
-        destination = self._host_of_ip(ip)
-        assert destination is not None
-        server = _sockaddr(ip, port)
-        v6 = _is_v6(ip)
-        source = self._current()
-        source_ip = source._address(v6)
-        if local_address is not None:
-            parsed = _ip(local_address)
-            owner = None if parsed is None else self._host_of_ip(str(parsed))
-            if owner is None or _is_v6(str(parsed)) != v6:
-                # (trio's words, for the same mistake on the kernel.)
-                raise OSError(
-                    f"local_address={local_address!r} is incompatible "
-                    f"with remote address {server!r}"
-                )
-            source, source_ip = owner, str(parsed)
-        if source_ip is None:
-            raise _error(errno.ENETUNREACH, f"{source.name} has no IPv6 address")
-        out = Route(self, source, destination, local=False)
-        back = Route(self, destination, source, local=False)
-        # The SYN: across a partition it is retried until the link heals
-        # (or the caller's connect timeout runs out).
-        while not (out.deliverable() and back.deliverable()):
-            if source._down:
-                raise _error(errno.ENETUNREACH, f"{source.name} is down")
-            if destination._down:
-                break
-            await self._changes.park()
-        await trio.sleep_until(out.arrival(trio.current_time(), 0))
-        while True:
-            listener = None if destination._down else destination._find("tcp", ip, port)
-            if listener is None or not listener.full:
-                break
-            await listener.room.park()
-        if listener is None:
-            await trio.sleep_until(back.arrival(trio.current_time(), 0))
-            client = _sockaddr(source_ip, 0)
-            self._recorder.connection("tcp", client, server).ended("refused")
-            raise _error(errno.ECONNREFUSED)
-        client_port = source._ephemeral("tcp")
-        source._client_ports.add(client_port)
-        client_end = self._open_pair(
-            "tcp",
-            listener,
-            (source, destination),
-            (_sockaddr(source_ip, client_port), server),
-            (out, back),
-            (None, None),
-            client_port,
-        )
-        try:
-            await trio.sleep_until(back.arrival(trio.current_time(), 0))
-        except BaseException:
-            client_end.close()
-            raise
-        return client_end
-
-    def _open_pair(
-        self,
-        kind: str,
-        listener: MemoryListener,
-        hosts: tuple[Host, Host],
-        addresses: tuple[Address, Address],
-        routes: tuple[Route, Route],
-        credentials: tuple[PeerCredentials | None, PeerCredentials | None],
-        client_port: int | None,
-    ) -> MemoryStream:
-        """Make a connection, queue its server end at ``listener`` and
-        return its client end."""
-        client, server = addresses
-        live = self._recorder.connection(kind, client, server)
-        size = self._options.buffer_size
-        to_server = Pipe(routes[0], listener.so_rcvbuf or size, live, True)
-        to_client = Pipe(routes[1], listener.so_sndbuf or size, live, False)
-        pair = _Pair(self, live, (to_server, to_client), hosts, client_port)
-        pair.ends = stream_pair(
-            to_server, to_client, client, server, credentials, pair.end_closed
-        )
-        self._pairs[live.id] = pair
-        listener.enqueue(pair.ends[1])
-        return pair.ends[0]
-
-    # ------------------------------------------------------------------- UNIX
-
-    def listen_unix(
-        self,
-        path: str,
-        *,
-        backlog: int | None,
-        so_sndbuf: int | None,
-        so_rcvbuf: int | None,
-    ) -> MemoryListener:
-        host = self._current()
-        if path in host._unix:
-            raise _error(
-                errno.EADDRINUSE,
-                f"{path} is in use: a server is listening on it; not taking it over",
-            )
-
-        def unbind(listener: MemoryListener) -> None:
-            if host._unix.get(path) is listener:
-                del host._unix[path]
-
-        listener = MemoryListener(
-            path, _backlog(backlog), unbind, so_sndbuf=so_sndbuf, so_rcvbuf=so_rcvbuf
-        )
-        host._unix[path] = listener
-        return listener
-
-    async def connect_unix(self, path: str) -> MemoryStream:
-        await trio.lowlevel.checkpoint()
-        host = self._current()
-        while True:
-            listener = host._unix.get(path)
-            if listener is None:
-                raise FileNotFoundError(
-                    errno.ENOENT, f"{os.strerror(errno.ENOENT)} (memory network)", path
-                )
-            if host._down:
-                raise _error(errno.ECONNREFUSED, f"{host.name} is down")
-            if not listener.full:
-                break
-            await listener.room.park()
-        me = PeerCredentials(os.getpid(), os.geteuid(), os.getegid())
-        route = Route(self, host, host, local=True)
-        return self._open_pair(
-            "unix", listener, (host, host), ("", path), (route, route), (me, me), None
-        )
-
-    # -------------------------------------------------------------------- UDP
-
-    async def getaddrinfo(
-        self,
-        host: str | None,
-        port: int,
-        family: int = 0,
-        type: int = 0,
-        proto: int = 0,
-        flags: int = 0,
-    ) -> list[tuple[Any, ...]]:
-        await trio.lowlevel.checkpoint()
-        if host is None:
-            passive = flags & socket.AI_PASSIVE
-            ips = ["0.0.0.0", "::"] if passive else ["127.0.0.1", "::1"]
-        elif _ip(host) is not None:
-            ips = [str(_ip(host))]
-        else:
-            ips = self._resolve(host)
-        found = [
-            (_family_of(ip), type or socket.SOCK_DGRAM, proto, "", _sockaddr(ip, port))
-            for ip in ips
-            if family in (0, _family_of(ip))
-        ]
-        if not found:
-            raise socket.gaierror(
-                socket.EAI_ADDRFAMILY, f"no address of that family for {host!r}"
-            )
-        return found
-
-    def udp_socket(self, family: int) -> MemoryDatagramSocket:
-        return MemoryDatagramSocket(self, socket.AddressFamily(family))
-
-    async def bind_udp(
-        self, hosts: Sequence[str | None], port: int, *, reuse_port: bool
-    ) -> list[Any]:
-        await trio.lowlevel.checkpoint()
-        targets = self._bind_targets(hosts)
-        port = self._choose_port("udp", targets, port, reuse_port)
-        sockets: list[MemoryDatagramSocket] = []
-        for host, ip in targets:
-            sock = MemoryDatagramSocket(self, _family_of(ip))
-            sock.reuse_port = reuse_port
-            self._register_datagram(sock, host, ip, port)
-            sockets.append(sock)
-        return sockets
-
-    def _register_datagram(
-        self, sock: MemoryDatagramSocket, host: Host, ip: str, port: int
-    ) -> None:
-        host._bound.setdefault(("udp", port), []).append(sock)
-        sock.bound(host, ip, port)
-
-    def _bind_datagram(self, sock: MemoryDatagramSocket, ip: str, port: int) -> None:
-        """Bind ``sock`` to (ip, port); port 0 picks a free one."""
-        targets = [
-            (host, bound)
-            for host, bound in self._bind_targets([ip or None])
-            if _family_of(bound) == sock.family
-        ]
-        if not targets:
-            raise _error(errno.EADDRNOTAVAIL, ip)
-        reuse = bool(sock.getsockopt(socket.SOL_SOCKET, _REUSE_PORT))
-        sock.reuse_port = reuse
-        port = self._choose_port("udp", targets[:1], port, reuse)
-        self._register_datagram(sock, targets[0][0], targets[0][1], port)
-
-    def _datagram_destination(self, family: int, host: str) -> str:
-        """The IP a datagram to ``host`` goes to (OSError as the kernel's)."""
-        for ip in self._resolve(host):
-            if _family_of(ip) == family:
-                return ip
-        raise _error(errno.EAFNOSUPPORT, f"{host} is of another address family")
-
-    def _send_datagram(
-        self,
-        sock: MemoryDatagramSocket,
-        source: Address,
-        destination: Address,
-        payload: bytes,
-    ) -> None:
-        """Decide what becomes of one datagram, and record it."""
-        origin = sock.host
-        target_ip = str(destination[0])
-        target_host = self._host_of_ip(target_ip)
-        assert origin is not None and target_host is not None
-        size = len(payload)
-
-        def record(fate: DatagramFate, duplicate: bool = False) -> None:
-            self._recorder.datagram(
-                DatagramRecord(
-                    sent_at=self._now(),
-                    source=source,
-                    destination=destination,
-                    size=size,
-                    fate=fate,
-                    duplicate=duplicate,
-                )
-            )
-
-        if origin._down or target_host._down:
-            return record("host down")
-        if not self._deliverable(origin, target_host, local=False):
-            return record("partitioned")
-        state = self._state(origin, target_host)
-        faults = self._faults_between(origin, target_host)
-        if state.chance(faults.loss):
-            return record("lost")
-        copies = 2 if state.chance(faults.duplicate) else 1
-        now = trio.current_time()
-        for copy in range(copies):
-            target = target_host._find_datagram_socket(
-                target_ip, int(destination[1]), source
-            )
-            if target is None:
-                if copy == 0:
-                    sock.unreachable()
-                record("unreachable", copy > 0)
-                continue
-            arrival = state.arrival(faults, now, size)
-            if state.chance(faults.reorder):
-                arrival += faults.reorder_delay
-            record(target.enqueue(arrival, payload, source), copy > 0)
-
     # -------------------------------------------------------------- activation
 
     @contextmanager
     def activated(self) -> Iterator[MemoryNetwork]:
         """Make this the network of the current context for the block (and
         every task started inside it); see :func:`memory_network`."""
-        token = active_network.set(self)
+        token = active_network.set(self._calls)
         try:
             yield self
         finally:
             active_network.reset(token)
-
-
-def _backlog(backlog: int | None) -> int:
-    return DEFAULT_BACKLOG if backlog is None else max(1, min(backlog, DEFAULT_BACKLOG))
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
 
 
 def _live_of(connection: Connection | MemoryStream) -> LiveConnection:
@@ -963,7 +467,7 @@ def _live_of(connection: Connection | MemoryStream) -> LiveConnection:
         stream = transport.stream if isinstance(transport, StreamTransport) else None
     for _ in range(8):
         if isinstance(stream, MemoryStream):
-            return stream.live
+            return stream._live
         stream = getattr(stream, "transport_stream", None)
     raise ValueError(f"{connection!r} is not a connection of a memory network")
 

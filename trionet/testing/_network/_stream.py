@@ -54,7 +54,7 @@ from .._faults import _Guard
 from ._records import LiveConnection
 
 if TYPE_CHECKING:
-    from ._net import Route
+    from ._hosts import Route
 
 __all__ = ["MemoryListener", "MemoryStream", "Pipe", "stream_pair"]
 
@@ -207,7 +207,15 @@ class Pipe:
 
 
 class MemoryStream(SimulatedStream):
-    """One end of a memory network connection.
+    """One end of a connection over a :class:`MemoryNetwork`: the
+    :class:`trio.abc.HalfCloseableStream` that a :class:`trionet.Connection`
+    made over a memory network runs on.
+
+    trionet makes these itself (your code meets them as
+    ``connect_tcp``'s and a server's connections); a test may hand one to
+    :meth:`MemoryNetwork.reset` or :meth:`MemoryNetwork.record`.  Each
+    direction holds at most the network's ``buffer_size`` bytes not yet
+    read; closing with bytes unread resets the connection, as a socket does.
 
     .. versionadded:: 0.1
     """
@@ -243,7 +251,8 @@ class MemoryStream(SimulatedStream):
         )
 
     @property
-    def live(self) -> LiveConnection:
+    def _live(self) -> LiveConnection:
+        # (The running record behind this connection's ConnectionRecord.)
         return self._incoming.live
 
     # ---------------------------------------------------------- SimulatedStream
@@ -268,7 +277,7 @@ class MemoryStream(SimulatedStream):
             # Unread bytes: the kernel answers a close with a reset.
             incoming.abort(routed=True, keep_arrived=False)
             outgoing.abort(routed=True)
-            self.live.ended("reset")
+            self._live.ended("reset")
         elif not outgoing.reset:
             outgoing.finish()
         incoming.receiver_closed = True
@@ -280,7 +289,7 @@ class MemoryStream(SimulatedStream):
         """Reset the connection: both ends see a connection reset at once."""
         self._incoming.abort(routed=False)
         self._outgoing.abort(routed=False)
-        self.live.ended("reset")
+        self._live.ended("reset")
 
     # -------------------------------------------------------- trio.abc.Stream
 

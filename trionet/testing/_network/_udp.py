@@ -42,7 +42,8 @@ from ._stream import _error
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
 
-    from ._net import Host, MemoryNetwork
+    from ._hosts import Host
+    from ._sockets import SocketCalls
 
 __all__ = ["MemoryDatagramSocket"]
 
@@ -60,7 +61,7 @@ _BROADCAST = ("255.255.255.255", "<broadcast>", "127.255.255.255")
 class MemoryDatagramSocket(trio.socket.SocketType):
     """A UDP socket of a memory network (see the top of this module)."""
 
-    def __init__(self, network: MemoryNetwork, family: socket.AddressFamily) -> None:
+    def __init__(self, network: SocketCalls, family: socket.AddressFamily) -> None:
         super().__init__()
         if family not in _WILDCARDS:
             raise _error(errno.EAFNOSUPPORT)
@@ -78,7 +79,7 @@ class MemoryDatagramSocket(trio.socket.SocketType):
         self._queue: list[tuple[float, int, bytes, Address]] = []
         self._queued_bytes = 0
         self._sequence = 0
-        self._capacity = network._options.buffer_size
+        self._capacity = network.buffer_size
         self._pending_error: OSError | None = None
         self._arrivals = trio.lowlevel.ParkingLot()
 
