@@ -86,7 +86,8 @@ class MemoryNetwork:
 
     Args:
         seed: seeds every random choice (jitter, loss, duplication,
-            reordering); the same seed gives the same run.
+            reordering); the same seed gives the same run (see
+            :doc:`/testing` for trio's part in that).
         buffer_size: bytes each direction of a connection holds, sent but
             not yet read, before ``send_all`` waits (a server's
             ``so_sndbuf`` and ``so_rcvbuf`` options set its own directions).

@@ -45,6 +45,9 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 __all__ = ["SocketCalls"]
 
+#: getaddrinfo's "no address of that family" (not every platform names it).
+_EAI_ADDRFAMILY = getattr(socket, "EAI_ADDRFAMILY", socket.EAI_NONAME)
+
 
 class SocketCalls(SimulatedNetwork):
     """What trionet's socket code calls on one memory network."""
@@ -262,7 +265,7 @@ class SocketCalls(SimulatedNetwork):
         ]
         if not found:
             raise socket.gaierror(
-                socket.EAI_ADDRFAMILY, f"no address of that family for {host!r}"
+                _EAI_ADDRFAMILY, f"no address of that family for {host!r}"
             )
         return found
 
