@@ -48,6 +48,7 @@ SERVERS = HERE / "servers"
 sys.path.insert(0, str(HERE))
 
 import client  # noqa: E402
+import udp_client  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: Seconds a server may take to print its port.
@@ -194,6 +195,63 @@ STACKS = [
 ]
 BASELINE = "trio"
 
+# The UDP stacks answer the udp-* workloads only (and the TCP stacks only the
+# others); their baseline is bare trio's recvfrom/sendto loop.
+UDP_STACKS = [
+    Stack(
+        "trio-udp",
+        "udp_trio_bare.py",
+        needs="trio",
+        description="bare trio UDP: one task, `await sock.recvfrom()` then "
+        "`await sock.sendto()` (the UDP baseline)",
+    ),
+    Stack(
+        "trionet-serve-udp",
+        "udp_trionet.py",
+        ("--api", "serve"),
+        needs="trionet",
+        description="trionet.serve_udp, one handler task per peer: "
+        "`async for data in peer: await peer.send(data)`",
+    ),
+    Stack(
+        "trionet-open-udp",
+        "udp_trionet.py",
+        ("--api", "loop"),
+        needs="trionet",
+        description="trionet.open_udp, one task: `async for data, address in "
+        "endpoint: await endpoint.send_to(data, address)`",
+    ),
+    Stack(
+        "anyio-trio-udp",
+        "udp_anyio.py",
+        ("--backend", "trio"),
+        needs="anyio",
+        description="anyio UDPSocket on trio: `async for` + `sendto`",
+    ),
+    Stack(
+        "asyncio-udp",
+        "udp_asyncio.py",
+        description="asyncio DatagramProtocol: `transport.sendto` in "
+        "`datagram_received`",
+    ),
+    Stack(
+        "uvloop-udp",
+        "udp_asyncio.py",
+        ("--uvloop",),
+        needs="uvloop",
+        description="the asyncio DatagramProtocol server on uvloop",
+    ),
+    Stack(
+        "trio-probe-udp",
+        "udp_probe.py",
+        needs="trio",
+        description="pure-trio probe: non-blocking stdlib socket, "
+        "`wait_readable`, every ready datagram drained and answered per wake-up",
+    ),
+]
+UDP_BASELINE = "trio-udp"
+STACKS += UDP_STACKS
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -204,6 +262,8 @@ class Workload:
     size: int = 0  # frame payload bytes
     pipelined: bool = False
     description: str = ""
+    #: UDP: datagrams in flight per client socket (``conns`` sockets).
+    window: int = 1
 
     def request(self) -> tuple[bytes, int]:
         if self.mode == "frames":
@@ -300,6 +360,32 @@ WORKLOADS = [
         "1 KiB frames in 64 KiB chunks through the decoder",
     ),
 ]
+WORKLOADS += [
+    Workload(
+        "udp-pingpong-1",
+        "udp",
+        "datagrams",
+        1,
+        description="64-byte datagrams, one in flight, 1 client socket",
+    ),
+    Workload(
+        "udp-pingpong-50",
+        "udp",
+        "datagrams",
+        50,
+        description="64-byte datagrams, one in flight per socket, 50 client "
+        "sockets (50 peers of one server socket)",
+    ),
+    Workload(
+        "udp-inflight-50x32",
+        "udp",
+        "datagrams",
+        50,
+        window=32,
+        description="64-byte datagrams, 32 in flight per socket, 50 client "
+        "sockets; a datagram unanswered for 1 s counts as dropped",
+    ),
+]
 
 
 # ------------------------------------------------------------------ servers
@@ -308,8 +394,15 @@ WORKLOADS = [
 class Server:
     """One echo server process: started, asked where it listens, stopped by PID."""
 
-    def __init__(self, stack: Stack, mode: str, profile: str | None = None) -> None:
-        argv = [sys.executable, str(SERVERS / stack.script), mode, *stack.extra]
+    def __init__(
+        self,
+        stack: Stack,
+        mode: str,
+        profile: str | None = None,
+        wrap: tuple[str, ...] = (),
+    ) -> None:
+        # ``wrap``: a command the server runs under (e.g. valgrind).
+        argv = [*wrap, sys.executable, str(SERVERS / stack.script), mode, *stack.extra]
         if profile:
             argv += ["--profile", profile]
         # A directory of our own for a UNIX socket, removed by stop().
@@ -413,6 +506,15 @@ def measure(stack: Stack, work: Workload, cfg: Settings) -> dict[str, Any]:
         if work.kind == "idle":
             conns = max(10, int(work.conns * cfg.idle_scale))
             result = client.run_idle(server.target, server.pid, conns=conns)
+        elif work.kind == "udp":
+            result = udp_client.run_udp(
+                server.port,
+                server.pid,
+                sockets=work.conns,
+                window=work.window,
+                duration=cfg.duration,
+                warmup=cfg.warmup,
+            )
         else:
             request, per_round = work.request()
             result = client.run_echo(
@@ -445,6 +547,8 @@ def measure(stack: Stack, work: Workload, cfg: Settings) -> dict[str, Any]:
 def skip_reason(
     stack: Stack, work: Workload, cfg: Settings, fd_limit: int
 ) -> str | None:
+    if (work.kind == "udp") != (stack in UDP_STACKS):
+        return "n/a"
     if stack.workloads is not None and work.name not in stack.workloads:
         return "n/a"
     if stack.needs and importlib.util.find_spec(stack.needs) is None:
@@ -505,6 +609,9 @@ def derived(work: Workload, runs: list[dict[str, Any]]) -> dict[str, list[float]
     out["cpu"] = [1e6 * r["server_cpu"] / r["messages"] for r in runs]
     out["load"] = [100 * r["server_cpu"] / r["seconds"] for r in runs]
     out["other"] = [r.get("other_cpu_percent", float("nan")) for r in runs]
+    if work.kind == "udp":
+        out["client"] = [100 * r["client_cpu_measured"] / r["seconds"] for r in runs]
+        out["dropped"] = [r["dropped"] for r in runs]
     return out
 
 
@@ -524,13 +631,22 @@ def render(
             for s in stacks
             if results[work.name].get(s.name)
         }
-        base = figures[work.name].get(BASELINE, {})
+        base = figures[work.name].get(
+            UDP_BASELINE if work.kind == "udp" else BASELINE, {}
+        )
         lines += ["", f"### {work.name}", "", work.description + ".", ""]
         if work.kind == "echo":
             lines += [
                 "| stack | messages/s | vs trio | MB/s | p50 µs | p99 µs "
                 "| server CPU µs/msg | vs trio | server CPU % | other CPU % |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+        elif work.kind == "udp":
+            lines += [
+                "| stack | datagrams/s | vs trio | p50 µs | p99 µs "
+                "| server CPU µs/datagram | vs trio | server CPU % | client CPU % "
+                "| dropped | other CPU % |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
         elif work.kind == "idle":
             lines += [
@@ -563,6 +679,18 @@ def render(
                     f"| {_with_range(fig['cpu'], 1)} "
                     f"| {_ratio(_median(fig['cpu']), _median(base.get('cpu', [])))} "
                     f"| {_num(_median(fig['load']))} "
+                    f"| {_num(_median(fig['other']))} |"
+                )
+            elif work.kind == "udp":
+                lines.append(
+                    f"| {name} | {_with_range(fig['rate'])} "
+                    f"| {_ratio(_median(fig['rate']), _median(base.get('rate', [])))} "
+                    f"| {_num(_median(fig['p50']))} | {_num(_median(fig['p99']))} "
+                    f"| {_with_range(fig['cpu'], 1)} "
+                    f"| {_ratio(_median(fig['cpu']), _median(base.get('cpu', [])))} "
+                    f"| {_num(_median(fig['load']))} "
+                    f"| {_num(_median(fig['client']))} "
+                    f"| {_num(max(fig['dropped']))} "
                     f"| {_num(_median(fig['other']))} |"
                 )
             elif work.kind == "idle":
@@ -656,6 +784,7 @@ def targets(figures: dict[str, dict[str, dict[str, list[float]]]]) -> list[str]:
         "≥ 1.5",
         lambda v: v >= 1.5,
     )
+    rows += udp_targets(figures)
     if not rows:
         return []
     return [
@@ -666,6 +795,47 @@ def targets(figures: dict[str, dict[str, dict[str, list[float]]]]) -> list[str]:
         "|---|---:|---:|:---:|",
         *rows,
     ]
+
+
+def udp_targets(figures: dict[str, dict[str, dict[str, list[float]]]]) -> list[str]:
+    """The UDP targets, as ratios to bare trio's UDP loop: datagrams/s, and
+    server CPU per datagram (trio's over the stack's: the fair figure when
+    the client shares the machine); and zero drops at the in-flight load."""
+    rows: list[str] = []
+    goals = {
+        "trionet-open-udp": {
+            "udp-pingpong-1": 1.0,
+            "udp-pingpong-50": 4.0,
+            "udp-inflight-50x32": 4.0,
+        },
+        "trionet-serve-udp": {
+            "udp-pingpong-1": 1.0,
+            "udp-pingpong-50": 2.5,
+            "udp-inflight-50x32": 2.5,
+        },
+    }
+
+    def ratio(work: str, stack: str, key: str) -> float:
+        fig = figures.get(work, {})
+        mine = _median(fig.get(stack, {}).get(key, []))
+        base = _median(fig.get(UDP_BASELINE, {}).get(key, []))
+        return base / mine if key == "cpu" else mine / base
+
+    for stack, per_work in goals.items():
+        for work, goal in per_work.items():
+            for key, what in (("rate", "datagrams/s"), ("cpu", "CPU/datagram")):
+                value = ratio(work, stack, key)
+                if value == value:
+                    met = "yes" if value >= goal else "no"
+                    label = f"{work} {stack} {what} vs trio"
+                    rows.append(f"| {label} | {value:.2f} | ≥ {goal} | {met} |")
+        drops = figures.get("udp-inflight-50x32", {}).get(stack, {}).get("dropped")
+        if drops:
+            met = "yes" if max(drops) == 0 else "no"
+            rows.append(
+                f"| udp-inflight-50x32 {stack} dropped | {max(drops):.0f} | 0 | {met} |"
+            )
+    return rows
 
 
 def to_rst(markdown: str, level: str = "~") -> str:

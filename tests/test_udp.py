@@ -16,7 +16,7 @@ import subprocess
 import sys
 import typing
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -42,6 +42,7 @@ from trionet import (
     open_udp_server,
     serve_udp,
 )
+from trionet._udp import _common, _server
 from trionet._udp._server import _UdpOptionsDict
 from trionet._util import only_own_end
 
@@ -591,6 +592,10 @@ async def test_port_unreachable_surfaces_on_next_receive() -> None:
         ({"local_host": 127}, TypeError),
         ({"oversized": "ignore"}, ValueError),
         ({"host": "127.0.0.1"}, TypeError),  # the old name
+        ({"so_rcvbuf": 0}, ValueError),
+        ({"so_rcvbuf": 1.5}, TypeError),
+        ({"so_sndbuf": -1}, ValueError),
+        ({"so_sndbuf": "big"}, TypeError),
     ],
 )
 async def test_open_udp_validates_options(
@@ -620,6 +625,10 @@ async def test_open_udp_validates_options(
         ({"reuse_port": 1}, TypeError),
         ({"host": 127}, TypeError),
         ({"no_such_option": 1}, TypeError),
+        ({"so_rcvbuf": 0}, ValueError),
+        ({"so_rcvbuf": 2.5}, TypeError),
+        ({"so_sndbuf": 0}, ValueError),
+        ({"so_sndbuf": True}, TypeError),
     ],
 )
 async def test_server_validates_options(
@@ -643,6 +652,8 @@ def test_options_are_declared_once() -> None:
     assert defaults.queue_bytes == 1024 * 1024
     assert defaults.max_peers == 1024
     assert defaults.max_size == 65507
+    assert defaults.so_rcvbuf is None
+    assert defaults.so_sndbuf is None
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         defaults.max_peers = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -1662,3 +1673,598 @@ def test_example_runs_its_selftest() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "selftest passed" in result.stdout
     assert result.stdout.count("got b'") == 4
+
+
+# --- kernel buffer sizes ------------------------------------------------------
+
+
+def _buffer_sizes(sock: Any) -> tuple[int, int]:
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+    )
+
+
+def _expected_sizes(rcvbuf: int, sndbuf: int) -> tuple[int, int]:
+    # Linux reports twice the size asked for (its bookkeeping overhead).
+    return (2 * rcvbuf, 2 * sndbuf) if LINUX else (rcvbuf, sndbuf)
+
+
+async def test_open_udp_sets_the_kernel_buffer_sizes() -> None:
+    async with (
+        local(so_rcvbuf=65536, so_sndbuf=32768) as sized,
+        local() as default,
+    ):
+        assert _buffer_sizes(sized.socket) == _expected_sizes(65536, 32768)
+        assert _buffer_sizes(default.socket) != _buffer_sizes(sized.socket)
+        await default.send_to(b"still works", sized.local_address)
+        assert (await sized.receive_from())[0] == b"still works"
+
+
+async def test_serve_udp_sets_the_kernel_buffer_sizes() -> None:
+    async with serving(echo, host=None, so_rcvbuf=65536, so_sndbuf=32768) as server:
+        for endpoint in server._sockets:  # every address family
+            assert _buffer_sizes(endpoint.sock) == _expected_sizes(65536, 32768)
+        async with client_of(server) as client:
+            assert await round_trip(client, b"sized") == b"sized"
+
+
+# --- the fast path: cancellation never loses or reorders a datagram ----------
+
+
+async def cancelled_when_blocked(call: Callable[[], Awaitable[object]]) -> bool:
+    """Run ``call()`` in a scope cancelled as soon as every task waits;
+    return whether that cancellation ended it."""
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+
+            async def cancel_when_blocked() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+
+            nursery.start_soon(cancel_when_blocked)
+            await call()
+    return scope.cancelled_caught
+
+
+class PauseHook:
+    """Makes every call that finished at once pass through the scheduler
+    (SCHEDULE_EVERY = 1) and runs ``on_pause`` in the caller's pause, after
+    the datagram was taken or sent -- where a cancellation must not undo it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.on_pause: Any = None
+        self.pauses = 0
+        original = _common.Pacer.pause
+        monkeypatch.setattr(_common, "SCHEDULE_EVERY", 1)
+
+        async def pause(pacer: _common.Pacer) -> None:
+            self.pauses += 1
+            if self.on_pause is not None:
+                self.on_pause()
+            await original(pacer)
+
+        monkeypatch.setattr(_common.Pacer, "pause", pause)
+
+
+async def test_cancelled_endpoint_receives_lose_and_reorder_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hook = PauseHook(monkeypatch)
+    got: list[bytes] = []
+    async with local(so_rcvbuf=1 << 20) as receiver, local() as sender:
+        for i in range(10):
+            await sender.send_to(b"%d" % i, receiver.local_address)
+        for _ in range(3):
+            got.append((await receiver.receive_from())[0])
+        # Cancelled at its start: takes nothing.
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await receiver.receive_from()
+        assert scope.cancelled_caught
+        # Cancelled in the pause after taking a datagram: returns it all the
+        # same; the next receive in that scope is the one cancelled.
+        with trio.CancelScope() as scope:
+            hook.on_pause = scope.cancel
+            while True:
+                got.append((await receiver.receive_from())[0])
+        hook.on_pause = None
+        assert scope.cancelled_caught
+        assert got == [b"0", b"1", b"2", b"3"]
+        async for data, _ in receiver:
+            got.append(data)
+            if len(got) == 10:
+                break
+        assert got == [b"%d" % i for i in range(10)]
+
+        # Cancelled while waiting for an empty socket: takes nothing.
+        assert await cancelled_when_blocked(receiver.receive_from)
+        await sender.send_to(b"after", receiver.local_address)
+        assert (await receiver.receive_from())[0] == b"after"
+        assert receiver.statistics().received == 11
+        assert hook.pauses > 0
+
+
+async def test_cancelled_peer_receives_lose_and_reorder_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of queued datagrams cut by cancellations at every point of a
+    handler's receive: all arrive, in order, none dropped."""
+    hook = PauseHook(monkeypatch)
+    queued = trio.Event()
+    got: list[bytes] = []
+    outcomes: list[str] = []
+    done = trio.Event()
+
+    async def handler(peer: UdpPeer) -> None:
+        got.append(await peer.receive())
+        await queued.wait()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await peer.receive()
+        outcomes.append(f"start {scope.cancelled_caught}")
+        with trio.CancelScope() as scope:
+            hook.on_pause = scope.cancel
+            while True:
+                got.append(await peer.receive())
+        hook.on_pause = None
+        outcomes.append(f"pause {scope.cancelled_caught}")
+        async for data in peer:
+            got.append(data)
+            if len(got) == 10:
+                break
+        outcomes.append(f"waiting {await cancelled_when_blocked(peer.receive)}")
+        await peer.send(b"waited")
+        got.append(await peer.receive())
+        done.set()
+
+    with trio.fail_after(30):  # a hang guard, not a timing assertion
+        await _cut_batch(handler, done, queued)
+    assert outcomes == ["start True", "pause True", "waiting True"]
+    assert got == [b"%d" % i for i in range(10)] + [b"after"]
+    assert hook.pauses > 0
+
+
+async def _cut_batch(handler: Any, done: trio.Event, queued: trio.Event) -> None:
+    async with serving(handler) as server, client_of(server) as client:
+        await client.send(b"0")
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(1, 10):
+            await client.send(b"%d" % i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.peers[0]._queue  # the batch is queued
+        queued.set()
+        assert await client.receive() == b"waited"
+        await client.send(b"after")
+        await done.wait()
+        stats = server.statistics()
+        assert (stats.received, stats.dropped) == (11, 0)
+
+
+async def test_a_cancelled_handler_leaves_its_queue_counted_as_dropped() -> None:
+    """A peer whose handler is cancelled for good (here: the server shuts
+    down) while datagrams wait in its queue drops them -- counted, never
+    silently."""
+    first = trio.Event()
+
+    async def handler(peer: UdpPeer) -> None:
+        await peer.receive()
+        first.set()
+        await trio.sleep_forever()
+
+    async with serving(handler) as server, client_of(server) as client:
+        await client.send(b"first")
+        await first.wait()
+        for i in range(4):
+            await client.send(b"%d" % i)
+        await trio.testing.wait_all_tasks_blocked()
+        [peer] = server.peers
+        assert len(peer._queue) == 4
+        await server.aclose(grace_period=0)
+        stats = server.statistics()
+        assert (stats.received, stats.dropped) == (5, 4)
+        assert peer.close_reason is CloseReason.SHUTDOWN
+        assert not peer._queue and peer._queued_bytes == 0
+
+
+async def test_eviction_counts_the_queue_it_drops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stubborn = Stubborn()  # answers once, then never receives again
+    with trio.fail_after(100):  # virtual seconds: a hang fails the test
+        async with (
+            serving(stubborn, max_peers=1) as server,
+            client_of(server) as old,
+            client_of(server) as newcomer,
+        ):
+            assert await round_trip(old, b"hello") == b"hello"
+            for i in range(3):
+                await old.send(b"%d" % i)  # queued: nobody receives them
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(5)
+            assert await round_trip(newcomer, b"let me in") == b"let me in"
+            stats = server.statistics()
+            assert (stats.peers_evicted, stats.dropped) == (1, 3)
+
+
+@kernel_only  # (sends from a stdlib socket of its own)
+async def test_a_reader_batch_larger_than_read_batch_keeps_order() -> None:
+    count = 3 * _server.READ_BATCH + 7
+    got: list[bytes] = []
+    done = trio.Event()
+
+    async def handler(peer: UdpPeer) -> None:
+        async for data in peer:
+            got.append(data)
+            if len(got) == count:
+                done.set()
+
+    async with serving(handler, so_rcvbuf=1 << 20) as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            # No checkpoint in between: every datagram is in the server's
+            # socket before its reader runs.
+            for i in range(count):
+                raw.sendto(b"%d" % i, ("127.0.0.1", server.port))
+            with trio.fail_after(30):  # a hang guard, not a timing assertion
+                await done.wait()
+        assert got == [b"%d" % i for i in range(count)]
+        stats = server.statistics()
+        assert (stats.received, stats.dropped, stats.peers_started) == (count, 0, 1)
+
+
+async def test_concurrent_peer_receives_are_served_in_fifo_order() -> None:
+    got: list[tuple[str, bytes]] = []
+    peers: list[UdpPeer] = []
+    start_second = trio.Event()
+
+    async def handler(peer: UdpPeer) -> None:
+        peers.append(peer)
+
+        async def receiver(name: str) -> None:
+            while True:
+                got.append((name, await peer.receive()))
+                await peer.send(name.encode())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver, "first")
+            await start_second.wait()
+            nursery.start_soon(receiver, "second")
+
+    async with serving(handler) as server, client_of(server) as client:
+        assert await round_trip(client, b"hello") == b"first"
+        await trio.testing.wait_all_tasks_blocked()
+        start_second.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(peers[0]._receivers) == 2  # both wait: first, then second
+        answers = []
+        for i in range(4):
+            answers.append(await round_trip(client, b"%d" % i))
+            await trio.testing.wait_all_tasks_blocked()
+    # Each datagram went to one waiting receive, the longest waiting first.
+    assert answers == [b"first", b"second", b"first", b"second"]
+    assert got == [
+        ("first", b"hello"),
+        ("first", b"0"),
+        ("second", b"1"),
+        ("first", b"2"),
+        ("second", b"3"),
+    ]
+
+
+# --- sends that have to wait ----------------------------------------------
+
+
+def _fill(sock: socket.socket) -> int:
+    """Send into a UNIX datagram socket until its peer's queue is full."""
+    for sent in range(10_000):
+        try:
+            sock.send(b"fill")
+        except BlockingIOError:
+            return sent
+    raise AssertionError("the kernel never refused")  # pragma: no cover
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(100))
+        except BlockingIOError:
+            return got
+
+
+async def test_endpoint_send_waits_for_a_full_kernel_buffer_and_is_cancellable() -> (
+    None
+):
+    # A UNIX datagram pair pushes back for real when the reader lags (UDP on
+    # loopback drops instead).
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    theirs.setblocking(False)
+    with theirs:
+        async with Datagram(trio.socket.from_stdlib_socket(ours)) as endpoint:
+            filled = _fill(ours)
+            done: list[str] = []
+            assert await cancelled_when_blocked(partial(endpoint.send, b"cancelled"))
+            assert endpoint.statistics().sent == 0
+
+            # Waiting senders go in FIFO order, and one that arrives while
+            # they wait queues behind them though the kernel has room.
+            async def send(data: bytes) -> None:
+                await endpoint.send(data)
+                done.append(data.decode())
+
+            async with trio.open_nursery() as nursery:
+                for name in (b"1", b"2", b"3"):
+                    nursery.start_soon(send, name)
+                    await trio.testing.wait_all_tasks_blocked()
+                assert done == []
+                drained = _drain(theirs)
+                nursery.start_soon(send, b"4")
+            assert drained == [b"fill"] * filled
+            assert done == ["1", "2", "3", "4"]
+            assert _drain(theirs) == [b"1", b"2", b"3", b"4"]
+            assert endpoint.statistics().sent == 4
+
+            # Closing the endpoint ends a waiting send.
+            _fill(ours)
+            async with trio.open_nursery() as nursery:
+
+                async def send_and_fail() -> None:
+                    with pytest.raises(ConnectionClosed) as info:
+                        await endpoint.send(b"never")
+                    assert info.value.reason is CloseReason.CLOSED_BY_HOST
+                    done.append("closed")
+
+                nursery.start_soon(send_and_fail)
+                await trio.testing.wait_all_tasks_blocked()
+                await endpoint.aclose()
+            assert done[-1] == "closed"
+        assert b"never" not in _drain(theirs)
+
+
+class _RefusingSocket:
+    """Stands in for a server socket on the send side: while ``refusing``,
+    ``sendto`` raises BlockingIOError (the kernel's buffer is full), and a
+    wait for it to become writable waits on a full UNIX datagram socket,
+    which :meth:`release` empties."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.refusing = True
+        self.sent: list[bytes] = []
+        self._full, self._reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._full.setblocking(False)
+        self._reader.setblocking(False)
+        _fill(self._full)
+
+    def fileno(self) -> int:
+        return self._full.fileno()
+
+    def sendto(self, data: bytes, address: Any) -> int:
+        if self.refusing:
+            raise BlockingIOError(errno.EAGAIN, "refused")
+        self.sent.append(data)
+        return self.real.sendto(data, address)
+
+    def release(self) -> None:
+        self.refusing = False
+        _drain(self._reader)
+
+    def close(self) -> None:
+        self._full.close()
+        self._reader.close()
+
+
+# (A stand-in for a kernel socket whose buffer is full: a memory socket's
+# send never blocks.)
+@kernel_only
+async def test_peer_send_waits_for_a_full_kernel_buffer_and_is_cancellable() -> None:
+    outcomes: list[str] = []
+    scopes: list[trio.CancelScope] = []
+
+    async def handler(peer: UdpPeer) -> None:
+        data = await peer.receive()
+        if data == b"idle":
+            await trio.sleep_forever()
+        if data == b"cancel":
+            with trio.CancelScope() as scope:
+                scopes.append(scope)
+                await peer.send(b"cancelled")
+            outcomes.append(f"cancelled {scope.cancelled_caught}")
+            return
+        outcomes.append(f"waiting {data.decode()}")
+        await peer.send(b"reply " + data)
+        outcomes.append(f"sent {data.decode()}")
+
+    async with serving(handler) as server:
+        endpoint = server._sockets[0]
+        real = endpoint.sock
+        refusing = _RefusingSocket(real)
+        # Only the send side: the reader, waiting by now, keeps the real one.
+        await trio.testing.wait_all_tasks_blocked()
+        endpoint.sock = refusing  # type: ignore[assignment]  # a stand-in
+        try:
+            with trio.fail_after(30):  # a hang guard, not a timing assertion
+                await _wait_to_send(server, refusing, outcomes, scopes)
+        finally:
+            endpoint.sock = real
+            refusing.close()
+    assert outcomes[-2:] == ["sent a", "sent b"]
+
+
+async def _wait_to_send(
+    server: UdpServer,
+    refusing: _RefusingSocket,
+    outcomes: list[str],
+    scopes: list[trio.CancelScope],
+) -> None:
+    async with (
+        client_of(server) as canceller,
+        client_of(server) as a,
+        client_of(server) as b,
+        client_of(server) as c,
+    ):
+        await canceller.send(b"cancel")
+        await trio.testing.wait_all_tasks_blocked()
+        [scope] = scopes
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == ["cancelled True"]
+        await c.send(b"idle")
+        # Two peers' handlers wait to send on the one socket, in order.
+        await a.send(b"a")
+        await trio.testing.wait_all_tasks_blocked()
+        await b.send(b"b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == ["cancelled True", "waiting a", "waiting b"]
+        assert refusing.sent == []
+        [c_peer] = [p for p in server.peers if p.remote_address == c.local_address]
+        refusing.release()
+        # The kernel has room again, but a and b wait: c queues behind them.
+        await c_peer.send(b"reply c")
+        assert refusing.sent == [b"reply a", b"reply b", b"reply c"]
+        assert await a.receive() == b"reply a"
+        assert await b.receive() == b"reply b"
+        assert await c.receive() == b"reply c"
+
+
+# --- a busy endpoint or handler lets other tasks run ---------------------------
+
+
+async def test_a_busy_endpoint_lets_other_tasks_run() -> None:
+    other_ran = trio.Event()
+
+    async def other() -> None:
+        other_ran.set()
+
+    async with local() as endpoint, trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await endpoint.send_to(b"ping", endpoint.local_address)
+        rounds = 0
+        while not other_ran.is_set():
+            # The datagram is always there already: no call has to wait.
+            data, address = await endpoint.receive_from()
+            await endpoint.send_to(data, address)
+            rounds += 1
+            # (Capped, so that a broken pacer fails instead of looping on.)
+            assert rounds <= min(_common.SCHEDULE_EVERY, 1000), "other never ran"
+
+
+@kernel_only  # (sends from a stdlib socket of its own)
+async def test_a_busy_handler_lets_other_tasks_run() -> None:
+    count = 200
+    assert count > 2 * _common.SCHEDULE_EVERY  # what the test relies on
+    release = trio.Event()
+    done = trio.Event()
+    handled = 0
+    gaps: list[int] = []
+
+    async def handler(peer: UdpPeer) -> None:
+        nonlocal handled
+        await release.wait()
+        async for _ in peer:
+            handled += 1
+            if handled == count:
+                done.set()
+
+    async def ticker() -> None:
+        seen = 0
+        while not done.is_set():
+            await trio.lowlevel.checkpoint()
+            gaps.append(handled - seen)
+            seen = handled
+
+    async with serving(handler, so_rcvbuf=1 << 20) as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            for i in range(count):
+                raw.sendto(b"%d" % i, ("127.0.0.1", server.port))
+            await trio.testing.wait_all_tasks_blocked()
+        # Everything is queued: the handler never has to wait.
+        assert len(server.peers[0]._queue) == count
+        with trio.fail_after(30):  # a hang guard, not a timing assertion
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker)
+                release.set()
+                await done.wait()
+    assert sum(gaps) == count
+    # The handler passes through the scheduler every SCHEDULE_EVERY receives;
+    # trio runs each runnable task once per batch, in either order, so the
+    # ticker sees at most two such stretches between its own turns.
+    assert max(gaps) <= 2 * _common.SCHEDULE_EVERY
+
+
+# --- idle timeouts (the idle watcher) -----------------------------------------
+
+
+async def test_idle_peers_time_out_each_at_its_own_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Each peer times out idle_timeout after its own last datagram -- also
+    one whose receive starts waiting later with an earlier deadline than the
+    watcher is sleeping towards."""
+    ended: dict[bytes, tuple[float, str]] = {}
+    both = trio.Event()
+
+    async def handler(peer: UdpPeer) -> None:
+        first = await peer.receive()
+        if first == b"busy":
+            await trio.sleep(4)  # busy elsewhere, then receives
+        with pytest.raises(ConnectionClosed) as info:
+            await peer.receive()
+        assert info.value.reason is CloseReason.TIMEOUT
+        ended[first] = (trio.current_time(), str(info.value))
+        if len(ended) == 2:
+            both.set()
+
+    with trio.fail_after(100):  # virtual seconds: a missing timeout fails
+        async with (
+            serving(handler, idle_timeout=10) as server,
+            client_of(server) as busy,
+            client_of(server) as quiet,
+        ):
+            start = trio.current_time()
+            await busy.send(b"busy")  # waits from start + 4, deadline start + 10
+            await trio.sleep(1)
+            await quiet.send(b"quiet")  # waits from start + 1, deadline start + 11
+            await both.wait()
+    assert ended[b"busy"][0] == start + 10
+    assert ended[b"quiet"][0] == start + 11
+    assert "for 10 seconds" in ended[b"busy"][1]
+
+
+async def test_a_receive_after_a_long_busy_spell_times_out_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    results: list[tuple[float, float, CloseReason]] = []
+    finished = trio.Event()
+
+    async def handler(peer: UdpPeer) -> None:
+        await peer.receive()
+        await trio.sleep(25)  # longer than idle_timeout, nothing arrived
+        called = trio.current_time()
+        with pytest.raises(ConnectionClosed) as info:
+            await peer.receive()
+        results.append((called, trio.current_time(), info.value.reason))
+        finished.set()
+
+    with trio.fail_after(100):  # virtual seconds
+        async with (
+            serving(handler, idle_timeout=10) as server,
+            client_of(server) as client,
+        ):
+            start = trio.current_time()
+            await client.send(b"x")
+            await finished.wait()
+    assert results == [(start + 25, start + 25, CloseReason.TIMEOUT)]
+
+
+# --- addresses that need a name lookup -------------------------------------
+
+
+async def test_send_to_a_host_name_and_a_malformed_address() -> None:
+    async with local() as a, local() as b:
+        await a.send_to(b"by name", ("localhost", b.local_address[1]))
+        assert await b.receive_from() == (b"by name", a.local_address)
+        with pytest.raises(ValueError, match="tuple"):
+            await a.send_to(b"x", ("127.0.0.1",))
+        assert a.statistics().sent == 1

@@ -24,8 +24,12 @@ that uses it, so that imports keep pointing down:
 * :class:`SimulatedStream` -- a connected byte stream, a
   :class:`trio.abc.HalfCloseableStream` that also knows its addresses and
   can be closed without awaiting (as a socket can);
-* UDP sockets are :class:`trio.socket.SocketType` objects: the UDP code
-  drives them with the same calls as trio's own UDP sockets;
+* :class:`SimulatedDatagramSocket` -- a UDP socket, driven as the UDP fast
+  path drives a non-blocking stdlib socket (calls that return at once,
+  :class:`BlockingIOError` when they would block), with waits of its own in
+  place of trio's ``wait_readable``/``wait_writable``, and a trio-socket
+  face for what the fast path leaves to trio (binding, connecting, sending
+  to a name);
 * :class:`SimulatedNetwork` -- the calls that make those.
 """
 
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
     from ._transport import Address, PeerCredentials
 
 __all__ = [
+    "SimulatedDatagramSocket",
     "SimulatedListener",
     "SimulatedNetwork",
     "SimulatedStream",
@@ -84,6 +89,68 @@ class SimulatedStream(trio.abc.HalfCloseableStream):
         """A server refused this client: drop what it sent so far (bounded)
         and end the stream, so that the client sees an end of stream rather
         than a reset."""
+
+
+class SimulatedDatagramSocket(abc.ABC):
+    """A UDP socket of a simulated network (see the top of this module).
+
+    The calls mean what the socket module's do on a non-blocking socket,
+    and raise the :class:`OSError` the kernel would.
+    """
+
+    @property
+    @abc.abstractmethod
+    def family(self) -> int:
+        """The address family (AF_INET or AF_INET6)."""
+
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        """-1 once closed (no descriptor exists otherwise either)."""
+
+    @abc.abstractmethod
+    def setblocking(self, flag: bool) -> None:
+        """Accepted and ignored: the socket never blocks."""
+
+    @abc.abstractmethod
+    def setsockopt(self, level: int, optname: int, value: int | bytes) -> None:
+        """Set an option (SO_RCVBUF bounds the receive queue; most others
+        are only remembered)."""
+
+    @abc.abstractmethod
+    def getsockname(self) -> tuple[Any, ...]:
+        """The bound address."""
+
+    @abc.abstractmethod
+    def getpeername(self) -> tuple[Any, ...]:
+        """The connected remote (OSError ENOTCONN if none)."""
+
+    @abc.abstractmethod
+    def send(self, data: bytes) -> int:
+        """Send to the connected remote."""
+
+    @abc.abstractmethod
+    def sendto(self, data: bytes, address: tuple[Any, ...]) -> int:
+        """Send to ``address`` (an IP address, not a name)."""
+
+    @abc.abstractmethod
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, tuple[Any, ...]]:
+        """The next datagram that has arrived (BlockingIOError: none)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close; a task waiting on the socket gets ClosedResourceError."""
+
+    @abc.abstractmethod
+    async def wait_readable(self) -> None:
+        """Wait until :meth:`recvfrom` has something to return."""
+
+    @abc.abstractmethod
+    async def wait_writable(self) -> None:
+        """Wait until :meth:`sendto` would not block."""
+
+    @abc.abstractmethod
+    def trio_socket(self) -> trio.socket.SocketType:
+        """The same socket as a trio socket (bind, connect, send to a name)."""
 
 
 class SimulatedListener(abc.ABC):
@@ -168,11 +235,11 @@ class SimulatedNetwork(abc.ABC):
         simulated network's own namespace."""
 
     @abc.abstractmethod
-    def udp_socket(self, family: int) -> trio.socket.SocketType:
-        """An unbound UDP socket, driven as a trio socket is."""
+    def udp_socket(self, family: int) -> SimulatedDatagramSocket:
+        """An unbound UDP socket."""
 
     @abc.abstractmethod
     async def bind_udp(
         self, hosts: Sequence[str | None], port: int, *, reuse_port: bool
-    ) -> list[trio.socket.SocketType]:
+    ) -> list[SimulatedDatagramSocket]:
         """Bound UDP sockets on every address of ``hosts``, all on one port."""

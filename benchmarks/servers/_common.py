@@ -3,12 +3,14 @@
 Every server is its own process, started by ``benchmarks/run.py`` as::
 
     python benchmarks/servers/<stack>.py lines|frames [--profile FILE] [--unix PATH]
+    python benchmarks/servers/udp_<stack>.py datagrams [--profile FILE]
 
 It listens on 127.0.0.1 (an ephemeral port), prints ``PORT <n>`` once it is
 listening (with ``--unix``, where a server supports it: on a UNIX socket at
 PATH, and prints ``UNIX <path>``), echoes 64-byte lines (newline-terminated)
-or 4-byte big-endian length-prefixed frames, and exits at once on SIGINT or
-SIGTERM (after writing its cProfile statistics, when ``--profile`` was given).
+or 4-byte big-endian length-prefixed frames (the UDP servers: every datagram,
+to its sender), and exits at once on SIGINT or SIGTERM (after writing its
+cProfile statistics, when ``--profile`` was given).
 
 The hand-written parsers used by the bare trio server (and by the codec
 benchmark as the baseline) live here too.
@@ -21,6 +23,7 @@ import cProfile
 import os
 import resource
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -33,6 +36,11 @@ MAX_LINE = 65536
 #: Largest frame any server accepts.
 MAX_FRAME = 16 * 1024 * 1024
 HEADER = 4
+#: SO_RCVBUF of every UDP server socket: 50 peers x 32 datagrams in flight
+#: overflow the kernel's default (about 200 KiB) for every stack.
+UDP_RCVBUF = 4 * 1024 * 1024
+#: Largest datagram the UDP servers receive.
+UDP_MAX = 65507
 
 
 def raise_fd_limit() -> int:
@@ -49,9 +57,14 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def parse_args(description: str, *, unix: bool = False) -> argparse.Namespace:
+def parse_args(
+    description: str,
+    modes: tuple[str, ...] = ("lines", "frames"),
+    *,
+    unix: bool = False,
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("mode", choices=("lines", "frames"))
+    parser.add_argument("mode", choices=modes)
     parser.add_argument(
         "--profile", metavar="FILE", help="run under cProfile, dump stats at exit"
     )
@@ -62,10 +75,25 @@ def parse_args(description: str, *, unix: bool = False) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def setup(description: str, *, unix: bool = False) -> argparse.Namespace:
+def pop_option(name: str, default: str) -> str:
+    """Take ``name VALUE`` out of argv (before :func:`setup` parses it)."""
+    if name not in sys.argv:
+        return default
+    at = sys.argv.index(name)
+    value = sys.argv[at + 1]
+    del sys.argv[at : at + 2]
+    return value
+
+
+def setup(
+    description: str,
+    modes: tuple[str, ...] = ("lines", "frames"),
+    *,
+    unix: bool = False,
+) -> argparse.Namespace:
     """Parse argv (``unix``: the server takes ``--unix PATH``), raise the fd
     limit, install exit handlers, maybe start profiling."""
-    args = parse_args(description, unix=unix)
+    args = parse_args(description, modes, unix=unix)
     raise_fd_limit()
     profiler = cProfile.Profile() if args.profile else None
 
@@ -81,6 +109,15 @@ def setup(description: str, *, unix: bool = False) -> argparse.Namespace:
     if profiler is not None:
         profiler.enable()
     return args
+
+
+def udp_socket() -> socket.socket:
+    """A non-blocking UDP socket on 127.0.0.1 with SO_RCVBUF = UDP_RCVBUF."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+    sock.setblocking(False)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 def announce(port: int) -> None:

@@ -3,28 +3,50 @@
 How this works
 --------------
 
-A :class:`Datagram` wraps one bound trio UDP socket.  Every receive reads into
-one reusable buffer of ``max_size + 1`` bytes, so a datagram that does not fit
-in ``max_size`` always shows itself (it fills the extra byte; on Linux
-``MSG_TRUNC`` also tells us its real size) instead of being cut short.  What
-happens to it then is the endpoint's ``oversized`` rule: by default it is
-discarded, counted and logged (at most once per :data:`OVERSIZED_LOG_INTERVAL`
-seconds), and the receive goes on to the next datagram, because an endpoint
-that is not connected hears from anyone, and one stranger's datagram must not
-end the receive loop of everybody else's; with ``oversized="raise"`` the
-receive raises :class:`DatagramTooLarge` instead.  Sends check the size
-before touching the socket.  Two locks keep concurrent callers in FIFO order:
-trio allows one waiter per direction on a socket, and the receive buffer is
-shared.
+A :class:`Datagram` owns one bound UDP socket and drives it as a non-blocking
+stdlib socket (the fast path described in ``_common``): a receive calls
+``recvfrom`` at once and waits for the socket to become readable only
+when the kernel has nothing; a send calls ``sendto`` at once and waits only
+when the kernel refuses.  Between two waits, receives and sends that did
+not wait pass through trio's scheduler once per ``SCHEDULE_EVERY`` (64)
+calls, not once per call.  Addresses from ``receive_from`` go back to
+``sendto`` as they are; anything that needs a name lookup
+(``send_to(data, ("localhost", 9))``) is sent through trio's socket, which
+resolves it without blocking.
+
+Every receive reads into one reusable buffer of ``max_size + 1`` bytes, so a
+datagram that does not fit in ``max_size`` always shows itself (it fills the
+extra byte; on Linux ``MSG_TRUNC`` also tells us its real size) instead of
+being cut short.  What happens to it then is the endpoint's ``oversized``
+rule: by default it is discarded, counted and logged (at most once per
+:data:`OVERSIZED_LOG_INTERVAL` seconds), and the receive goes on to the next
+datagram, because an endpoint that is not connected hears from anyone, and
+one stranger's datagram must not end the receive loop of everybody else's;
+with ``oversized="raise"`` the receive raises :class:`DatagramTooLarge`
+instead.  The datagram is copied out of the buffer before anything awaits.
+Sends check the size before touching the socket.
+
+Under a simulated network (:func:`trionet.testing.memory_network`),
+:func:`open_udp` makes the network's socket instead of the kernel's, and the
+endpoint waits with that socket's own waits (``_common.waits_for``, asked
+once in the constructor); nothing else differs.
+
+Cancellation.  A receive is cancelled only before its ``recvfrom`` or
+while it waits (nothing was taken from the kernel), a send only before its
+``sendto`` or while it waits (nothing was sent); a datagram taken or sent is
+always returned or counted.  Two FIFO locks, taken only by a caller that has
+to wait, keep concurrent callers in order: trio allows one waiter per
+direction on a socket.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal, TypeAlias, final
+from typing import Any, Literal, NoReturn, TypeAlias, final
 
 import attrs
 import trio
@@ -37,18 +59,34 @@ from ._common import (
     DEFAULT_MAX_SIZE,
     RECEIVE_FLAGS,
     Address,
+    Pacer,
     Payload,
+    UdpSocket,
+    WaitLine,
+    buffer_size,
     check_argument,
     check_family_max_size,
     checked_payload,
+    close_socket,
     datagram_size,
     reported_size,
+    sendable_as_is,
+    set_buffer_sizes,
     translate,
+    waits_for,
 )
 
-__all__ = ["OVERSIZED_LOG_INTERVAL", "Datagram", "DatagramStatistics", "open_udp"]
+__all__ = [
+    "OVERSIZED_LOG_INTERVAL",
+    "Datagram",
+    "DatagramStatistics",
+    "open_udp",
+]
 
 logger = logging.getLogger("trionet")
+
+# Looked up once: these are on the path of every datagram.
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 
 #: What an endpoint does with an incoming datagram over ``max_size``.
 Oversized: TypeAlias = Literal["discard", "raise"]
@@ -103,6 +141,11 @@ class Datagram(trio.abc.AsyncResource):
     Made by :func:`open_udp`.  You may also wrap a bound trio UDP socket
     yourself; the endpoint then owns it and closes it in :meth:`aclose`.
 
+    Every receive and send is a cancel point; one that the kernel can serve
+    at once does not wait, and passes through trio's scheduler only every
+    64th time (so a busy endpoint never starves other tasks).  A cancelled
+    receive has taken no datagram, a cancelled send has sent nothing.
+
     Concurrent calls are fine: sends and receives each queue in FIFO order.
     After :meth:`aclose` every call raises
     :class:`ConnectionClosed` (:attr:`CloseReason.CLOSED_BY_HOST`).
@@ -125,22 +168,57 @@ class Datagram(trio.abc.AsyncResource):
         max_size: int = DEFAULT_MAX_SIZE,
         oversized: Oversized = "discard",
     ) -> None:
+        self._setup(sock, None, max_size, oversized)
+
+    @classmethod
+    def _over(
+        cls,
+        sock: trio.socket.SocketType,
+        raw: UdpSocket,
+        max_size: int,
+        oversized: Oversized,
+    ) -> Datagram:
+        """An endpoint over ``raw``, the stdlib (or simulated) socket
+        ``sock`` wraps."""
+        self = cls.__new__(cls)
+        self._setup(sock, raw, max_size, oversized)
+        return self
+
+    def _setup(
+        self,
+        sock: trio.socket.SocketType,
+        raw: UdpSocket | None,
+        max_size: int,
+        oversized: Oversized,
+    ) -> None:
         if sock.type != socket.SOCK_DGRAM:
             raise ValueError("Datagram needs a SOCK_DGRAM socket")
         check_argument(datagram_size, "max_size", max_size)
         check_family_max_size(max_size, sock.family)
         check_argument(_oversized_rule, "oversized", oversized)
+        if raw is None:
+            # A socket of the caller's: drive a duplicate of its descriptor
+            # (the same kernel socket); aclose() closes both.
+            raw = socket.socket(
+                sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno())
+            )
+        raw.setblocking(False)
         self._sock = sock
+        self._raw = raw
+        self._wait_readable, self._wait_writable = waits_for(raw)
+        self._family = raw.family
         self._max_size = max_size
         self._raise_oversized = oversized == "raise"
-        self._buffer = bytearray(max_size + 1)
-        self._send_lock = trio.Lock()
-        self._receive_lock = trio.Lock()
+        # Callers that have to wait, in FIFO order.
+        self._senders = WaitLine()
+        self._receivers = WaitLine()
+        self._pacer = Pacer()
+        self._last_sender: Address | None = None
         self._closed = False
-        self._local_address: Address = sock.getsockname()
+        self._local_address: Address = raw.getsockname()
         self._remote_address: Address | None
         try:
-            self._remote_address = sock.getpeername()
+            self._remote_address = raw.getpeername()
         except OSError:
             self._remote_address = None
         self._received = 0
@@ -207,7 +285,21 @@ class Datagram(trio.abc.AsyncResource):
                 without ``broadcast=True``, or a pending ICMP error).
             ConnectionClosed: the endpoint was closed.
         """
-        await self._send(checked_payload(data, self._max_size), address, address)
+        if type(data) is bytes and len(data) <= self._max_size:
+            payload = data
+        else:
+            payload = checked_payload(data, self._max_size)
+        await _checkpoint_if_cancelled()
+        # The sender of the last datagram received is the usual case: an
+        # address from recvfrom needs no lookup.
+        if address is not self._last_sender and not sendable_as_is(
+            address, self._family
+        ):
+            await self._send_resolving(payload, address)
+        elif self._senders.count or not self._send_nowait(payload, address, address):
+            await self._send_waiting(payload, address, address)
+        elif self._pacer.left <= 0:
+            await self._pacer.pause()
 
     async def send(self, data: Payload) -> None:
         """Send one datagram to the connected remote.
@@ -221,21 +313,58 @@ class Datagram(trio.abc.AsyncResource):
             ConnectionClosed: the endpoint was closed.
         """
         remote = self._require_remote("send")
-        await self._send(checked_payload(data, self._max_size), None, remote)
+        payload = checked_payload(data, self._max_size)
+        await _checkpoint_if_cancelled()
+        if self._senders.count or not self._send_nowait(payload, None, remote):
+            await self._send_waiting(payload, None, remote)
+        elif self._pacer.left <= 0:
+            await self._pacer.pause()
 
-    async def _send(self, payload: bytes, to: Address | None, remote: Address) -> None:
-        # ``to`` is None on a connected endpoint; ``remote`` is named in errors.
-        async with self._send_lock:
+    async def _send_waiting(
+        self, payload: bytes, to: Address | None, remote: Address
+    ) -> None:
+        # The slow path: the kernel's buffer is full, or others wait to send.
+        # ``to`` (None on a connected endpoint) needs no name lookup;
+        # ``remote`` is named in errors.
+        try:
+            await self._senders.retry(
+                self._wait_writable,
+                self._raw,
+                lambda: self._send_nowait(payload, to, remote) or None,
+                self._pacer,
+            )
+        except trio.ClosedResourceError:
+            raise self._closed_error() from None
+
+    def _send_nowait(self, payload: bytes, to: Address | None, remote: Address) -> bool:
+        """Hand ``payload`` to the kernel; False if it would block."""
+        if self._closed:
+            raise self._closed_error()
+        try:
+            if to is None:
+                self._raw.send(payload)
+            else:
+                self._raw.sendto(payload, to)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._raise_error(exc, "send", remote)
+        self._sent += 1
+        self._bytes_sent += len(payload)
+        self._pacer.left -= 1
+        return True
+
+    async def _send_resolving(self, payload: bytes, address: Address) -> None:
+        # The slow path for an address that needs a name lookup: trio's
+        # socket resolves it without blocking (and refuses a malformed one).
+        async with self._senders:
             self._check_open()
             try:
-                if to is None:
-                    await self._sock.send(payload)
-                else:
-                    await self._sock.sendto(payload, to)
+                await self._sock.sendto(payload, address)
             except trio.ClosedResourceError:
                 raise self._closed_error() from None
             except OSError as exc:
-                raise translate(exc, "send", remote) from exc
+                self._raise_error(exc, "send", address)
             self._sent += 1
             self._bytes_sent += len(payload)
 
@@ -254,28 +383,51 @@ class Datagram(trio.abc.AsyncResource):
                 "port unreachable" for an earlier send of a connected endpoint.
             ConnectionClosed: the endpoint was closed.
         """
-        async with self._receive_lock:
-            while True:
-                self._check_open()
-                try:
-                    nbytes, address = await self._sock.recvfrom_into(
-                        self._buffer, 0, RECEIVE_FLAGS
-                    )
-                except trio.ClosedResourceError:
-                    raise self._closed_error() from None
-                except OSError as exc:
-                    if self._closed:
-                        raise self._closed_error() from None
-                    raise translate(exc, "receive", self._remote_address) from exc
-                if nbytes <= self._max_size:
-                    self._received += 1
-                    self._bytes_received += nbytes
-                    return bytes(memoryview(self._buffer)[:nbytes]), address
-                self._oversized += 1
-                error = DatagramTooLarge(address, reported_size(nbytes), self._max_size)
-                if self._raise_oversized:
-                    raise error
-                self._log_discarded(error)
+        await _checkpoint_if_cancelled()
+        if not self._receivers.count and (got := self._receive_nowait()) is not None:
+            if self._pacer.left <= 0:
+                await self._pacer.pause()
+            return got
+        return await self._receive_waiting()
+
+    async def _receive_waiting(self) -> tuple[bytes, Address]:
+        # The slow path: nothing ready, or others wait to receive.
+        try:
+            return await self._receivers.retry(
+                self._wait_readable,
+                self._raw,
+                self._receive_nowait,
+                self._pacer,
+            )
+        except trio.ClosedResourceError:
+            raise self._closed_error() from None
+
+    def _receive_nowait(self) -> tuple[bytes, Address] | None:
+        """The next datagram, or None if the kernel has none ready.
+
+        Oversized datagrams are discarded (and the next one read) or raised.
+        """
+        while True:
+            if self._closed:
+                raise self._closed_error()
+            try:
+                data, address = self._raw.recvfrom(self._max_size + 1, RECEIVE_FLAGS)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                self._raise_error(exc, "receive", self._remote_address)
+            size = len(data)
+            if size <= self._max_size:
+                self._received += 1
+                self._bytes_received += size
+                self._last_sender = address
+                self._pacer.left -= 1
+                return data, address
+            self._oversized += 1
+            error = DatagramTooLarge(address, reported_size(size), self._max_size)
+            if self._raise_oversized:
+                raise error
+            self._log_discarded(error)
 
     async def receive(self) -> bytes:
         """Wait for one datagram from the connected remote and return it.
@@ -296,8 +448,15 @@ class Datagram(trio.abc.AsyncResource):
     async def __anext__(self) -> tuple[bytes, Address]:
         """``async for data, address in endpoint``: ends when the endpoint is
         closed; raises what :meth:`receive_from` raises otherwise."""
+        # receive_from() without a coroutine of its own: this is the loop of
+        # every busy endpoint.
+        await _checkpoint_if_cancelled()
         try:
-            return await self.receive_from()
+            if not self._receivers.count and (got := self._receive_nowait()):
+                if self._pacer.left <= 0:
+                    await self._pacer.pause()
+                return got
+            return await self._receive_waiting()
         except ConnectionClosed:
             raise StopAsyncIteration from None
 
@@ -305,7 +464,8 @@ class Datagram(trio.abc.AsyncResource):
         """Close the socket.  Tasks waiting on it get :class:`ConnectionClosed`."""
         if not self._closed:
             self._closed = True
-            self._sock.close()
+            close_socket(self._raw)
+            self._sock.close()  # a no-op unless it was the caller's socket
         await trio.lowlevel.checkpoint()
 
     def _log_discarded(self, error: DatagramTooLarge) -> None:
@@ -321,6 +481,15 @@ class Datagram(trio.abc.AsyncResource):
         )
         self._oversized_unlogged = 0
         self._oversized_log_after = now + OVERSIZED_LOG_INTERVAL
+
+    def _raise_error(
+        self, exc: OSError, action: str, address: Address | None
+    ) -> NoReturn:
+        """The one place an OS error of this endpoint becomes what callers
+        see: the close it was caused by, or a :class:`DatagramError`."""
+        if self._closed:
+            raise self._closed_error() from None
+        raise translate(exc, action, address) from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -350,6 +519,8 @@ async def open_udp(
     broadcast: bool = False,
     max_size: int = DEFAULT_MAX_SIZE,
     oversized: Oversized = "discard",
+    so_rcvbuf: int | None = None,
+    so_sndbuf: int | None = None,
 ) -> AsyncIterator[Datagram]:
     """Open a UDP endpoint; close it when the block ends.
 
@@ -384,6 +555,14 @@ async def open_udp(
             65507 for IPv4 and 65527 for IPv6.
         oversized: ``"discard"`` (the default) or ``"raise"``: see
             :class:`Datagram`.
+        so_rcvbuf: the kernel's receive buffer (``SO_RCVBUF``) in bytes;
+            None (the default) keeps the system default (about 200 KiB on
+            Linux).  Datagrams that arrive while it is full are dropped by
+            the kernel, so an endpoint that takes bursts wants a larger one
+            (Linux caps it at ``net.core.rmem_max`` and reports twice the
+            value asked for).
+        so_sndbuf: the kernel's send buffer (``SO_SNDBUF``) in bytes; None
+            keeps the system default.
 
     Raises:
         ValueError: an option is out of range.
@@ -400,8 +579,17 @@ async def open_udp(
     check_argument(_bool, "broadcast", broadcast)
     check_argument(datagram_size, "max_size", max_size)
     check_argument(_oversized_rule, "oversized", oversized)
+    check_argument(buffer_size, "so_rcvbuf", so_rcvbuf)
+    check_argument(buffer_size, "so_sndbuf", so_sndbuf)
     endpoint = await _open_datagram(
-        local_host, local_port, remote, broadcast, max_size, oversized
+        local_host,
+        local_port,
+        remote,
+        broadcast,
+        max_size,
+        oversized,
+        so_sndbuf,
+        so_rcvbuf,
     )
     async with endpoint:
         yield endpoint
@@ -414,8 +602,10 @@ async def _open_datagram(
     broadcast: bool,
     max_size: int,
     oversized: Oversized,
+    so_sndbuf: int | None,
+    so_rcvbuf: int | None,
 ) -> Datagram:
-    # (Under a simulated network, its names and its sockets.)
+    # (Under a simulated network: its names and its sockets.)
     network = current_network()
     getaddrinfo = trio.socket.getaddrinfo if network is None else network.getaddrinfo
     if host is None and remote is None:
@@ -439,13 +629,23 @@ async def _open_datagram(
         raise ValueError(
             "broadcast=True needs an IPv4 local_host: IPv6 has no broadcast"
         )
+    raw: UdpSocket
     if network is None:
-        sock = trio.socket.socket(family, type_, proto)
+        raw = socket.socket(family, type_, proto)
     else:
-        sock = network.udp_socket(family)
+        raw = network.udp_socket(family)
     try:
+        raw.setblocking(False)
         if broadcast:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        set_buffer_sizes(raw, so_sndbuf, so_rcvbuf)
+        # trio's wrapper (the same socket object underneath) connects without
+        # blocking on a name lookup, and is what Datagram.socket gives out.
+        sock = (
+            trio.socket.from_stdlib_socket(raw)
+            if isinstance(raw, socket.socket)
+            else raw.trio_socket()
+        )
         await sock.bind(sockaddr)
         if remote is not None:
             try:
@@ -457,7 +657,7 @@ async def _open_datagram(
                     f"{format_address(remote)}: {exc} "
                     "(local_host and remote must be of the same address family)",
                 ) from exc
-        return Datagram(sock, max_size=max_size, oversized=oversized)
+        return Datagram._over(sock, raw, max_size, oversized)
     except BaseException:
-        sock.close()
+        raw.close()
         raise

@@ -3,14 +3,45 @@
 How this works
 --------------
 
-:func:`serve_udp` binds one socket per address family and runs one *reader*
-task per socket.  The reader never waits for a handler: it looks the sender's
-address up in a dict of :class:`UdpPeer` objects and hands the datagram to
-that peer's bounded memory channel with ``send_nowait``.  A full queue (in
-datagrams or in bytes) means that peer's handler is behind, so the datagram is
-dropped and counted, as the network itself would drop it.  Each handler reads
-its own channel, so it sees its peer's datagrams in arrival order, and a slow
+:func:`serve_udp` binds one non-blocking socket per address family and runs
+one *reader* task per socket.  Each time the socket becomes readable the
+reader drains it: ``recvfrom`` until the kernel has nothing more (at most
+:data:`READ_BATCH` datagrams, then it lets the handlers run and goes on),
+with one clock reading for the whole batch.  It never waits for a handler:
+it looks the sender's address up in a dict of :class:`UdpPeer` objects and
+appends the datagram to that peer's queue, a deque bounded in datagrams
+(``queue_size``) and in bytes (``queue_bytes``).  A full queue means that
+peer's handler is behind, so the datagram is dropped and counted, as the
+network itself would drop it.  Only a handler *waiting* for a datagram is
+woken (``trio.lowlevel.reschedule``, one waiting receive per datagram); a
+handler that is busy finds the next datagrams in its queue when it asks,
+without a trip through the scheduler, so a batch of datagrams from one peer
+costs that peer's task one wake-up, not one per datagram.  Each handler reads
+its own queue, so it sees its peer's datagrams in arrival order, and a slow
 handler only ever delays itself.
+
+Under a simulated network (:func:`trionet.testing.memory_network`) the
+sockets are the network's, bound by it, and each :class:`_ServerSocket` keeps
+the waits ``_common.waits_for`` gave it when it was made: the reader and the
+peers' senders wait with those, and nothing else differs.
+
+Receives and sends follow the fast path described in ``_common``: a receive
+from a non-empty queue and a ``sendto`` the kernel takes at once do not
+wait, and pass through the scheduler once per ``SCHEDULE_EVERY`` calls.
+Cancellation: a receive is cancelled only at its start or while it waits,
+never after it took a datagram from the queue, so a cancelled receive leaves
+every queued datagram in place and in order; a send is cancelled only before
+its ``sendto`` or while the kernel's buffer is full (nothing was sent).
+Senders of all peers of one socket that have to wait queue in one FIFO
+:class:`~trionet._udp._common.WaitLine`.
+
+Idle timeouts cost nothing per datagram: a receive that has to wait puts its
+peer on the server's watch list, and one *idle watcher* task sleeps until the
+earliest ``last arrival + idle_timeout`` of the watched peers, closes the
+peers whose time is up (:attr:`CloseReason.TIMEOUT`), which wakes their
+receives, and sleeps again.  A receive that starts when its peer has been
+silent for longer already (its handler was busy elsewhere) moves the
+watcher's deadline into the past: it times out at the same clock time.
 
 Admission.  An unknown address starts a new handler task, unless
 ``max_peers`` handlers hold a slot.  Then the least recently active open peer
@@ -47,7 +78,7 @@ import socket
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, TypeAlias, TypedDict, final
+from typing import TYPE_CHECKING, NoReturn, TypeAlias, TypedDict, final
 
 import attrs
 import trio
@@ -66,13 +97,20 @@ from ._common import (
     ICMP_ERRNOS,
     RECEIVE_FLAGS,
     Address,
+    Pacer,
     Payload,
+    UdpSocket,
+    WaitLine,
+    buffer_size,
     check_argument,
     check_family_max_size,
     checked_payload,
+    close_socket,
     datagram_size,
     reported_size,
+    set_buffer_sizes,
     translate,
+    waits_for,
 )
 
 if TYPE_CHECKING:
@@ -81,6 +119,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "EVICTION_IDLE",
+    "READ_BATCH",
     "UdpPeer",
     "UdpServer",
     "UdpServerOptions",
@@ -90,6 +129,13 @@ __all__ = [
 ]
 
 logger = logging.getLogger("trionet")
+
+# Looked up once: these are on the path of every datagram.
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+_reschedule = trio.lowlevel.reschedule
+_ABORTED = trio.lowlevel.Abort.SUCCEEDED
 
 UdpHandler: TypeAlias = Callable[["UdpPeer"], Awaitable[object]]
 _Item: TypeAlias = bytes | DatagramTooLarge
@@ -101,6 +147,8 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 EVICTION_IDLE = 5.0
 #: Handler exceptions a server remembers for inspection.
 _EXCEPTIONS_KEPT = 100
+#: Datagrams a reader takes from its socket before it lets other tasks run.
+READ_BATCH = 64
 
 
 @attrs.frozen(kw_only=True)
@@ -141,6 +189,15 @@ class UdpServerOptions:
     reuse_port: bool = attrs.field(
         default=False, validator=attrs.validators.instance_of(bool)
     )
+    #: Kernel receive buffer (SO_RCVBUF) of each socket, in bytes; None keeps
+    #: the system default (about 200 KiB on Linux).  Datagrams arriving while
+    #: it is full are dropped by the kernel, uncounted here: a server that
+    #: takes bursts from many peers wants more (Linux caps it at
+    #: ``net.core.rmem_max``).
+    so_rcvbuf: int | None = attrs.field(default=None, validator=buffer_size)
+    #: Kernel send buffer (SO_SNDBUF) of each socket, in bytes; None keeps
+    #: the system default.
+    so_sndbuf: int | None = attrs.field(default=None, validator=buffer_size)
 
 
 class _UdpOptionsDict(TypedDict, total=False):
@@ -153,6 +210,8 @@ class _UdpOptionsDict(TypedDict, total=False):
     max_size: int
     grace_period: float
     reuse_port: bool
+    so_rcvbuf: int | None
+    so_sndbuf: int | None
 
 
 @attrs.frozen(kw_only=True)
@@ -189,12 +248,16 @@ class UdpServerStatistics:
 
 
 class _ServerSocket:
-    """One bound socket of a server, with its send lock."""
+    """One bound non-blocking socket of a server, how to wait for it, and
+    the line of its peers' senders that have to wait for it."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    __slots__ = ("local_address", "senders", "sock", "wait_readable", "wait_writable")
+
+    def __init__(self, sock: UdpSocket) -> None:
         self.sock = sock
         self.local_address: Address = sock.getsockname()
-        self.send_lock = trio.Lock()
+        self.wait_readable, self.wait_writable = waits_for(sock)
+        self.senders = WaitLine()
 
 
 @final
@@ -203,23 +266,32 @@ class UdpPeer:
 
     The server makes one per remote address and passes it to the handler.
     Datagrams come out of :meth:`receive` (or ``async for data in peer``) in
-    the order they arrived.
+    the order they arrived.  Both :meth:`receive` and :meth:`send` are cancel
+    points; a cancelled receive has taken no datagram (the queued ones stay,
+    in order), a cancelled send has sent nothing.
 
     .. versionadded:: 0.1
     """
 
     def __init__(
-        self, server: UdpServer, endpoint: _ServerSocket, address: Address
+        self, server: UdpServer, endpoint: _ServerSocket, address: Address, now: float
     ) -> None:
         self._server = server
         self._endpoint = endpoint
         self._address = address
-        self._send_channel, self._receive_channel = trio.open_memory_channel[_Item](
-            server._options.queue_size
-        )
+        # Datagrams (and DatagramTooLarge reports) not yet received, and
+        # their bytes; the reader bounds both.
+        self._queue: deque[_Item] = deque()
         self._queued_bytes = 0
+        # Tasks whose receive waits for the queue to fill (or the peer to
+        # close), first come first served; the reader wakes one per datagram.
+        self._receivers: deque[trio.lowlevel.Task] = deque()
+        self._pacer = Pacer()
+        self._max_size = server._options.max_size
         self._close_reason: CloseReason | None = None
-        self._last_arrival = trio.current_time()
+        # Set when the idle watcher closed the peer (its receive says so).
+        self._idle_expired = False
+        self._last_arrival = now
         # The handler runs in this scope; eviction cancels it.
         self._scope = trio.CancelScope()
         # Whether the handler still holds one of the server's max_peers slots.
@@ -256,40 +328,51 @@ class UdpPeer:
             DatagramTooLarge: the peer sent a datagram over ``max_size``, at this
                 point in its sequence; the peer stays open.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._close_reason is not None:
-            raise ConnectionClosed(self._close_reason)
-        try:
-            item = self._receive_channel.receive_nowait()
-        except trio.WouldBlock:
-            item = await self._wait_for_datagram()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise self._closed_error() from None
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        if isinstance(item, DatagramTooLarge):
-            raise item
-        self._queued_bytes -= len(item)
+        await _checkpoint_if_cancelled()
+        # A closed peer's queue is empty (and stays so): a queued item means
+        # the peer is open.  Once taken, nothing may raise Cancelled.
+        item = self._take() if self._queue else await self._wait_for_datagram()
+        if self._pacer.left <= 0:
+            await self._pacer.pause()
+        return item if type(item) is bytes else self._raise_item(item)
+
+    def _raise_item(self, item: _Item) -> NoReturn:
+        assert isinstance(item, DatagramTooLarge)
+        raise item
+
+    def _take(self) -> _Item:
+        item = self._queue.popleft()
+        if type(item) is bytes:
+            self._queued_bytes -= len(item)
+        self._pacer.left -= 1
         return item
 
     async def _wait_for_datagram(self) -> _Item:
-        idle_timeout = self._server._options.idle_timeout
-        deadline = (
-            math.inf if idle_timeout is None else self._last_arrival + idle_timeout
-        )
-        try:
-            with trio.move_on_at(deadline):
-                return await self._receive_channel.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise self._closed_error() from None
-        if self._close_reason is not None:
-            raise self._closed_error()
-        self._server._close_peer(self, CloseReason.TIMEOUT)
-        raise ConnectionClosed(
-            CloseReason.TIMEOUT,
-            f"no datagram from {format_address(self._address)} "
-            f"for {idle_timeout} seconds",
-        )
+        """Wait for the empty queue to fill; take the first datagram.
+
+        A cancellation can only strike while waiting, before anything was
+        taken.  The idle watcher (or any close) ends the wait by closing the
+        peer.
+        """
+        task = _current_task()
+        receivers = self._receivers
+
+        def abort(raise_cancel: object) -> trio.lowlevel.Abort:
+            receivers.remove(task)
+            return _ABORTED
+
+        while True:
+            if self._close_reason is not None:
+                raise self._closed_error()
+            if self._server._idle_timeout is not None:
+                self._server._watch(self)
+            receivers.append(task)
+            await _wait_task_rescheduled(abort)
+            self._pacer.refill()
+            if self._queue:
+                return self._take()
+            # Woken by a close, or another receive of this peer took the
+            # datagram first.
 
     async def send(self, data: Payload) -> None:
         """Send one datagram to the peer (``str`` as UTF-8).
@@ -300,19 +383,43 @@ class UdpPeer:
             DatagramError: the OS refused the send.
             ConnectionClosed: the peer is closed (see :attr:`close_reason`).
         """
-        payload = checked_payload(data, self._server._options.max_size)
+        if type(data) is not bytes or len(data) > self._max_size:
+            data = checked_payload(data, self._max_size)
+        await _checkpoint_if_cancelled()
         endpoint = self._endpoint
-        async with endpoint.send_lock:
+        if endpoint.senders.count or not self._send_nowait(data):
+            await self._send_waiting(data)
+        elif self._pacer.left <= 0:
+            await self._pacer.pause()
+
+    async def _send_waiting(self, payload: bytes) -> None:
+        # The slow path: the kernel's buffer is full, or others wait to send
+        # on this socket.
+        try:
+            await self._endpoint.senders.retry(
+                self._endpoint.wait_writable,
+                self._endpoint.sock,
+                lambda: self._send_nowait(payload) or None,
+                self._pacer,
+            )
+        except trio.ClosedResourceError:
+            raise self._closed_error() from None
+
+    def _send_nowait(self, payload: bytes) -> bool:
+        """Hand ``payload`` to the kernel; False if it would block."""
+        if self._close_reason is not None:
+            raise self._closed_error()
+        try:
+            # The address came from recvfrom: sendto needs no name lookup.
+            self._endpoint.sock.sendto(payload, self._address)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
             if self._close_reason is not None:
-                raise ConnectionClosed(self._close_reason)
-            try:
-                await endpoint.sock.sendto(payload, self._address)
-            except trio.ClosedResourceError:
                 raise self._closed_error() from None
-            except OSError as exc:
-                if self._close_reason is not None:
-                    raise self._closed_error() from None
-                raise translate(exc, "send", self._address) from exc
+            raise translate(exc, "send", self._address) from exc
+        self._pacer.left -= 1
+        return True
 
     def __aiter__(self) -> UdpPeer:
         return self
@@ -323,8 +430,14 @@ class UdpPeer:
         The loop ends quietly only after :meth:`aclose`; an idle timeout or a
         server shutdown raises :class:`ConnectionClosed`.
         """
+        # receive() without a coroutine of its own: this is the loop of
+        # every handler.
+        await _checkpoint_if_cancelled()
         try:
-            return await self.receive()
+            item = self._take() if self._queue else await self._wait_for_datagram()
+            if self._pacer.left <= 0:
+                await self._pacer.pause()
+            return item if type(item) is bytes else self._raise_item(item)
         except ConnectionClosed as exc:
             if exc.reason is CloseReason.CLOSED_BY_HOST:
                 raise StopAsyncIteration from None
@@ -341,6 +454,12 @@ class UdpPeer:
         await trio.lowlevel.checkpoint()
 
     def _closed_error(self) -> ConnectionClosed:
+        if self._idle_expired:
+            return ConnectionClosed(
+                CloseReason.TIMEOUT,
+                f"no datagram from {format_address(self._address)} "
+                f"for {self._server._options.idle_timeout} seconds",
+            )
         return ConnectionClosed(self._close_reason or CloseReason.SHUTDOWN)
 
     def _is_own_end(self, exc: BaseException) -> bool:
@@ -389,6 +508,15 @@ class UdpServer:
         # The grace period: its deadline is set by aclose() (the earliest wins).
         self._grace = trio.CancelScope()
         self._stopped = trio.Event()
+        # Peers whose receive waited for a datagram since the idle watcher
+        # last looked (it forgets those no longer waiting).  It sleeps in
+        # _idle_timer until _idle_wake_at, the earliest deadline it knows
+        # of; _idle_watch ends it at shutdown.
+        self._waiting: dict[UdpPeer, None] = {}
+        self._idle_timeout = options.idle_timeout
+        self._idle_wake_at = math.inf
+        self._idle_timer = trio.CancelScope()
+        self._idle_watch = trio.CancelScope()
         self._received = 0
         self._dropped = 0
         self._peers_rejected = 0
@@ -518,60 +646,117 @@ class UdpServer:
             self._close_peer(peer, CloseReason.SHUTDOWN)
         if self._handlers is not None:
             self._handlers.cancel_scope.cancel()
+        self._idle_watch.cancel()
         for endpoint in self._sockets:
-            endpoint.sock.close()
+            close_socket(endpoint.sock)
+
+    # --------------------------------------------------------- idle timeout
+
+    def _watch(self, peer: UdpPeer) -> None:
+        """A receive of ``peer`` is about to wait: it times out
+        ``idle_timeout`` seconds after the peer's last datagram, unless one
+        arrives first.  (No clock reading here: a deadline already past
+        wakes the watcher at once.)"""
+        assert self._idle_timeout is not None
+        self._waiting[peer] = None
+        deadline = peer._last_arrival + self._idle_timeout
+        if deadline < self._idle_wake_at:
+            self._idle_wake_at = deadline
+            self._idle_timer.deadline = deadline
+
+    async def _expire_idle(self, idle_timeout: float) -> None:
+        """The idle watcher: close waiting peers idle for ``idle_timeout``."""
+        with self._idle_watch:
+            while True:
+                now = trio.current_time()
+                wake_at = math.inf
+                for peer in list(self._waiting):
+                    if not peer._receivers:
+                        # Not waiting any more: a datagram came (or the
+                        # receive was cancelled).  It comes back if it waits.
+                        del self._waiting[peer]
+                        continue
+                    # The deadline only ever moves later as datagrams come.
+                    deadline = peer._last_arrival + idle_timeout
+                    if deadline > now:
+                        wake_at = min(wake_at, deadline)
+                    elif peer._queue:
+                        # A receive was woken for it and has yet to run:
+                        # never drop what came; look again later.
+                        wake_at = min(wake_at, now + idle_timeout)
+                    else:
+                        peer._idle_expired = True
+                        self._close_peer(peer, CloseReason.TIMEOUT)
+                self._idle_wake_at = wake_at
+                self._idle_timer = trio.CancelScope(deadline=wake_at)
+                with self._idle_timer:
+                    await trio.sleep_forever()
 
     # ------------------------------------------------------------ datagrams
 
     async def _read(self, endpoint: _ServerSocket) -> None:
-        buffer = bytearray(self._options.max_size + 1)
-        view = memoryview(buffer)
-        max_size = self._options.max_size
+        """The reader of one socket: drain it per wake-up, queue each datagram
+        for its peer.  (The datagram path of the whole server: kept in one
+        function.)"""
+        sock = endpoint.sock
+        wait_readable = endpoint.wait_readable
+        options = self._options
+        max_size = options.max_size
+        queue_size = options.queue_size
+        queue_bytes = options.queue_bytes
+        receive = sock.recvfrom
+        bufsize = max_size + 1
+        peers = self._peers
+        reschedule = _reschedule
+        item: _Item
         while True:
+            now = trio.current_time()  # one reading for the whole batch
+            for _ in range(READ_BATCH):
+                try:
+                    data, address = receive(bufsize, RECEIVE_FLAGS)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if sock.fileno() < 0:
+                        return
+                    if exc.errno in ICMP_ERRNOS:
+                        self._receive_errors += 1
+                        continue
+                    raise
+                self._received += 1
+                size = len(data)
+                if size <= max_size:
+                    item = data
+                else:
+                    self._oversized += 1
+                    item = DatagramTooLarge(address, reported_size(size), max_size)
+                    size = 0
+                peer = peers.get(address)
+                if peer is None:
+                    peer = self._admit(endpoint, address, now)
+                    if peer is None:
+                        self._peers_rejected += 1
+                        continue
+                else:
+                    peers.move_to_end(address)
+                peer._last_arrival = now
+                queue = peer._queue
+                queued = peer._queued_bytes
+                if len(queue) >= queue_size or (queued and queued + size > queue_bytes):
+                    self._dropped += 1
+                    continue
+                queue.append(item)
+                peer._queued_bytes = queued + size
+                if peer._receivers:
+                    reschedule(peer._receivers.popleft())
+            else:
+                # A full batch: let the handlers run, then read on.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                continue
             try:
-                nbytes, address = await endpoint.sock.recvfrom_into(
-                    buffer, 0, RECEIVE_FLAGS
-                )
+                await wait_readable(sock)
             except trio.ClosedResourceError:
                 return
-            except OSError as exc:
-                if endpoint.sock.fileno() < 0:
-                    return
-                if exc.errno in ICMP_ERRNOS:
-                    self._receive_errors += 1
-                    continue
-                raise
-            self._received += 1
-            if nbytes > max_size:
-                self._oversized += 1
-                item: _Item = DatagramTooLarge(address, reported_size(nbytes), max_size)
-                self._dispatch(endpoint, address, item, 0)
-            else:
-                self._dispatch(endpoint, address, bytes(view[:nbytes]), nbytes)
-
-    def _dispatch(
-        self, endpoint: _ServerSocket, address: Address, item: _Item, size: int
-    ) -> None:
-        now = trio.current_time()
-        peer = self._peers.get(address)
-        if peer is None:
-            peer = self._admit(endpoint, address, now)
-            if peer is None:
-                self._peers_rejected += 1
-                return
-        else:
-            self._peers.move_to_end(address)
-        peer._last_arrival = now
-        queued = peer._queued_bytes
-        if queued and queued + size > self._options.queue_bytes:
-            self._dropped += 1
-            return
-        try:
-            peer._send_channel.send_nowait(item)
-        except trio.WouldBlock:
-            self._dropped += 1
-            return
-        peer._queued_bytes = queued + size
 
     def _admit(
         self, endpoint: _ServerSocket, address: Address, now: float
@@ -581,7 +766,7 @@ class UdpServer:
             return None
         if self._slots_used >= self._options.max_peers and not self._evict(now):
             return None
-        peer = UdpPeer(self, endpoint, address)
+        peer = UdpPeer(self, endpoint, address, now)
         self._peers[address] = peer
         self._slots_used += 1
         self._tasks += 1
@@ -654,15 +839,12 @@ class UdpServer:
         peer._close_reason = reason
         if self._peers.get(peer._address) is peer:
             del self._peers[peer._address]
-        peer._send_channel.close()
-        while True:
-            try:
-                peer._receive_channel.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            self._dropped += 1
-        peer._receive_channel.close()
+        self._dropped += len(peer._queue)
+        peer._queue.clear()
         peer._queued_bytes = 0
+        self._waiting.pop(peer, None)
+        while peer._receivers:
+            _reschedule(peer._receivers.popleft())
 
 
 async def serve_udp(
@@ -700,7 +882,8 @@ async def serve_udp(
             cancels that inner nursery after the grace period all the same.
         task_status: given by ``nursery.start``.
         **options: see :class:`UdpServerOptions` (idle_timeout, queue_size,
-            queue_bytes, max_peers, max_size, grace_period, reuse_port).
+            queue_bytes, max_peers, max_size, grace_period, reuse_port,
+            so_rcvbuf, so_sndbuf).
 
     Raises:
         ValueError: an option is out of range.
@@ -728,6 +911,12 @@ async def serve_udp(
                         endpoint,
                         name=f"trionet UDP reader on {server.port}",
                     )
+                if opts.idle_timeout is not None:
+                    nursery.start_soon(
+                        server._expire_idle,
+                        opts.idle_timeout,
+                        name=f"trionet UDP idle watcher on {server.port}",
+                    )
                 task_status.started(server)
                 await server._supervise()
             finally:
@@ -735,7 +924,7 @@ async def serve_udp(
                 server._close_now()
     finally:
         for sock in sockets:
-            sock.close()
+            close_socket(sock)
         server._stopped.set()
 
 
@@ -777,24 +966,27 @@ async def open_udp_server(
 
 async def _bind_server_sockets(
     host: str | None, port: int, options: UdpServerOptions
-) -> list[trio.socket.SocketType]:
+) -> list[UdpSocket]:
     # reuse_port_option() raises OSError here, before any socket exists.
     option = reuse_port_option() if options.reuse_port else None
 
     def setup(sock: socket.socket) -> None:
         if option is not None:
             sock.setsockopt(socket.SOL_SOCKET, option, 1)
+        set_buffer_sizes(sock, options.so_sndbuf, options.so_rcvbuf)
 
+    sockets: list[UdpSocket]
     network = current_network()
     if network is None:
-        sockets = [
-            trio.socket.from_stdlib_socket(sock)
-            for sock in await bind_sockets([host], port, socket.SOCK_DGRAM, setup)
-        ]
+        sockets = list(await bind_sockets([host], port, socket.SOCK_DGRAM, setup))
     else:
-        sockets = await network.bind_udp([host], port, reuse_port=options.reuse_port)
+        sockets = list(
+            await network.bind_udp([host], port, reuse_port=options.reuse_port)
+        )
     try:
         for sock in sockets:
+            if network is not None:
+                set_buffer_sizes(sock, options.so_sndbuf, options.so_rcvbuf)
             check_family_max_size(options.max_size, sock.family)
     except BaseException:
         for sock in sockets:

@@ -316,8 +316,8 @@ class SocketCalls(SimulatedNetwork):
     def _send_datagram(
         self,
         sock: MemoryDatagramSocket,
-        source: Address,
-        destination: Address,
+        source: tuple[Any, ...],
+        destination: tuple[Any, ...],
         payload: bytes,
     ) -> None:
         """Decide what becomes of one datagram, and record it."""
