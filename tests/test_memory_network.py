@@ -704,18 +704,9 @@ async def traffic_of_a_run(seed: int) -> trionet.testing.Traffic:
 
             for number in range(3):
                 await client(number)
-        return net.traffic()
-
-
-async def test_the_same_seed_gives_the_same_traffic(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    first = await traffic_of_a_run(seed=11)
-    again = await traffic_of_a_run(seed=11)
-    other = await traffic_of_a_run(seed=12)
-    assert len(first.connections) == 3
-    assert first == again
-    assert first != other  # the jitter differed, so did the times
+        traffic = net.traffic()
+    assert len(traffic.connections) == 3
+    return traffic
 
 
 # ---------------------------------------------------------------- datagrams
@@ -846,6 +837,22 @@ async def test_partitions_down_hosts_and_full_buffers_drop_datagrams() -> None:
     assert got == [1000, 1000, 1000]
 
 
+async def test_so_rcvbuf_bounds_what_a_udp_socket_holds() -> None:
+    async with memory_network() as net:
+        async with trionet.open_udp(local_host="127.0.0.1", so_rcvbuf=2500) as receiver:
+            async with trionet.open_udp(
+                remote=("127.0.0.1", receiver.local_address[1])
+            ) as sender:
+                for _ in range(3):
+                    await sender.send(bytes(1000))  # the third does not fit
+                got = [len((await receiver.receive_from())[0]) for _ in range(2)]
+                await sender.send(b"room again")  # what was read made room
+                assert (await receiver.receive_from())[0] == b"room again"
+        fates = [r.fate for r in net.traffic().datagrams]
+    assert got == [1000, 1000]
+    assert fates == ["delivered", "delivered", "overflow", "delivered"]
+
+
 async def test_a_connected_sender_hears_that_nobody_listens() -> None:
     async with memory_network() as net:
         async with trionet.open_udp(remote=("127.0.0.1", 9999)) as sender:
@@ -926,17 +933,24 @@ async def datagrams_of_a_run(seed: int) -> trionet.testing.Traffic:
             for number in range(200):
                 await sender.send(b"%d" % number)
             await drain(receiver)
-        return net.traffic()
+        traffic = net.traffic()
+    assert len(traffic.datagrams) >= 200
+    return traffic
 
 
-async def test_the_same_seed_gives_the_same_datagrams(
+@pytest.mark.parametrize(
+    "run", [traffic_of_a_run, datagrams_of_a_run], ids=["tcp", "udp"]
+)
+async def test_the_same_seed_gives_the_same_traffic(
+    run: Callable[[int], Awaitable[trionet.testing.Traffic]],
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    first = await datagrams_of_a_run(seed=7)
-    again = await datagrams_of_a_run(seed=7)
-    other = await datagrams_of_a_run(seed=8)
+    first = await run(11)
+    again = await run(11)
+    other = await run(12)
     assert first == again
-    assert [r.fate for r in first.datagrams] != [r.fate for r in other.datagrams]
+    # Another seed: other jitter, so other times (and other datagram fates).
+    assert first != other
 
 
 # ---------------------------------------------------------- the pytest plugin
