@@ -864,6 +864,27 @@ async def test_a_connected_sender_hears_that_nobody_listens() -> None:
         assert record.fate == "unreachable"
 
 
+async def test_the_refusal_wakes_a_receive_that_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_network():
+        async with trionet.open_udp(remote=("127.0.0.1", 9999)) as sender:
+            errors: list[int | None] = []
+
+            async def receive() -> None:
+                with pytest.raises(trionet.DatagramError) as info:
+                    await sender.receive()
+                errors.append(info.value.errno)
+
+            # (A hang guard in virtual time: a receive never woken fails.)
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(receive)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await sender.send(b"anyone?")
+    assert errors == [errno.ECONNREFUSED]
+
+
 async def test_udp_peers_expire_under_a_mock_clock(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
