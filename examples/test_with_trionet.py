@@ -2,8 +2,8 @@
 
 Run it with pytest and pytest-trio installed, in a project whose pytest
 configuration says ``trio_mode = true``.  No conftest.py is needed: the
-fixtures ``tcp_server``, ``tcp_client``, ``udp_server`` and ``echo_server``
-come with trionet.
+fixtures ``tcp_server``, ``tcp_client``, ``udp_server``, ``echo_server`` and
+``memory_network`` come with trionet.
 """
 
 from __future__ import annotations
@@ -147,3 +147,37 @@ async def test_shout_over_udp(udp_server) -> None:
         await endpoint.send(b"datagram")
         with trio.fail_after(5):
             assert await endpoint.receive() == b"DATAGRAM"
+
+
+# -- the same fixtures over an in-memory network, with faults -------------------
+
+
+async def test_shout_survives_a_partition(
+    memory_network, tcp_server, tcp_client, autojump_clock
+) -> None:
+    # With the memory_network fixture, tcp_server and tcp_client meet in
+    # memory: no sockets, virtual time, and faults on demand.
+    memory_network.add_host("db")
+    server = await tcp_server(shout, framing=trionet.Lines(), host="db")
+    conn = await tcp_client(server)
+    memory_network.partition("localhost", "db")
+    await conn.send("anyone there?")
+    with trio.move_on_after(10) as deadline:
+        await conn.receive()
+    assert deadline.cancelled_caught  # nothing crosses a partition
+    memory_network.heal()
+    assert await conn.receive() == b"ANYONE THERE?"  # the bytes waited
+
+
+async def test_shout_over_lossy_udp(memory_network, udp_server, autojump_clock) -> None:
+    memory_network.set_faults("localhost", loss=0.5)
+    server = await udp_server(udp_shout)
+    replies = 0
+    async with trionet.open_udp(remote=("127.0.0.1", server.port)) as endpoint:
+        for _ in range(100):
+            await endpoint.send(b"x")
+            with trio.move_on_after(1):
+                await endpoint.receive()
+                replies += 1
+    lost = sum(record.dropped for record in memory_network.traffic().datagrams)
+    assert replies + lost == 100  # each exchange loses its request or reply

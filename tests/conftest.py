@@ -21,8 +21,10 @@ from trionet._connection import Connection
 #: "tcp" -- a real loopback TCP client and a server-owned connection;
 #: "unix" -- the same over a UNIX domain socket (one implementation with TCP);
 #: "memory" -- two connections over trio's in-memory streams (locked sends);
-#: "memory-queued" -- in-memory, the second side with a send queue and writer.
-PAIR_KINDS = ["tcp", "unix", "memory", "memory-queued"]
+#: "memory-queued" -- in-memory, the second side with a send queue and writer;
+#: "memnet", "memnet-unix" -- "tcp" and "unix" again, unchanged, but over
+#: trionet.testing.memory_network().
+PAIR_KINDS = ["tcp", "unix", "memory", "memory-queued", "memnet", "memnet-unix"]
 
 
 @asynccontextmanager
@@ -30,6 +32,12 @@ async def open_pair(
     kind: str, framing: trionet.Framing | None = None, **server_options: object
 ) -> AsyncIterator[tuple[Connection, Connection]]:
     """A connected (client, server-side) pair of Connections of the given kind."""
+    if kind.startswith("memnet"):
+        kernel_kind = "unix" if kind == "memnet-unix" else "tcp"
+        async with trionet.testing.memory_network():
+            async with open_pair(kernel_kind, framing, **server_options) as pair:
+                yield pair
+        return
     if kind in ("tcp", "unix"):
         accepted: list[Connection] = []
         arrived = trio.Event()
@@ -120,6 +128,25 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
 @pytest.fixture(params=PAIR_KINDS)
 def pair_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+#: For a test in a module that runs over both networks (see ``network``) but
+#: opens kernel sockets of its own, or replaces trio's: kernel only.
+kernel_only = pytest.mark.parametrize("network", ["kernel"], indirect=True)
+
+
+@pytest.fixture(params=["kernel", "memnet"])
+def network(
+    request: pytest.FixtureRequest,
+) -> Iterator[trionet.testing.MemoryNetwork | None]:
+    """Run the test twice: over the kernel's loopback, and unchanged over
+    a memory network (None, or the network).  A sync fixture, so that the
+    network is active before any trio fixture or the test itself starts."""
+    if request.param == "kernel":
+        yield None
+        return
+    with trionet.testing.MemoryNetwork().activated() as net:
+        yield net
 
 
 @pytest.fixture

@@ -26,6 +26,11 @@ from trionet import CloseReason, ConnectionClosed, ProtocolError
 from trionet.channels import ChannelConnection, connect_channels, open_channel_server
 from trionet.channels import _wire as wire
 
+from .conftest import kernel_only
+
+#: Every test here runs over the kernel and over a memory network.
+pytestmark = pytest.mark.usefixtures("network")
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -1187,6 +1192,7 @@ async def test_serve_channels_with_nursery_start() -> None:
         await server.aclose()
 
 
+@kernel_only
 async def test_serve_channels_reports_a_failure_to_start_as_itself() -> None:
     # serve_channels runs serve_tcp in its own task, with no nursery between
     # them to wrap what serve_tcp raises before it started.

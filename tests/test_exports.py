@@ -77,6 +77,27 @@ def test_public_objects_live_at_their_public_path() -> None:
         assert obj.__doc__, f"{name} has no docstring"
 
 
+TESTING = {
+    "ChunkedStream",
+    "ConnectionRecord",
+    "DatagramRecord",
+    "DelayedStream",
+    "Faults",
+    "Host",
+    "MemoryNetwork",
+    "MemoryStream",
+    "ResetAfter",
+    "StallAfter",
+    "Traffic",
+    "connection_pair",
+    "memory_network",
+}
+
+
+def test_testing_exports_exactly_its_api() -> None:
+    assert public_names(trionet.testing) == TESTING
+
+
 def test_testing_exports_live_in_trionet_testing() -> None:
     for name in public_names(trionet.testing):
         obj = getattr(trionet.testing, name)

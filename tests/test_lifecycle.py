@@ -28,10 +28,15 @@ import trionet._server
 import trionet.testing
 from trionet import CloseReason, ConnectionClosed
 
+from .conftest import kernel_only
+
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
 CHUNK = 64 * 1024
+
+#: Every test here runs over the kernel and over a memory network.
+pytestmark = pytest.mark.usefixtures("network")
 
 
 async def noop(conn: trionet.Connection) -> None:
@@ -82,6 +87,7 @@ async def serving(
 # ---------------------------------------------------------------- 1. TLS close
 
 
+@kernel_only
 async def test_tls_shutdown_with_a_peer_that_never_reads_is_bounded(
     autojump_clock: trio.testing.MockClock,
     server_context: ssl.SSLContext,
@@ -115,6 +121,7 @@ async def test_tls_shutdown_with_a_peer_that_never_reads_is_bounded(
     assert server.statistics().open == 0
 
 
+@kernel_only
 async def test_tls_handler_that_returns_releases_its_slot_within_flush_timeout(
     autojump_clock: trio.testing.MockClock,
     server_context: ssl.SSLContext,
@@ -272,6 +279,7 @@ async def test_shutdown_closes_clients_still_in_the_accept_filter() -> None:
     assert server.statistics().open == 0
 
 
+@kernel_only
 async def test_silent_tls_handshakers_hold_slots_and_show_in_the_stats(
     server_context: ssl.SSLContext,
 ) -> None:
@@ -295,6 +303,7 @@ async def test_silent_tls_handshakers_hold_slots_and_show_in_the_stats(
     assert server.statistics().closed == {CloseReason.SHUTDOWN: 5}
 
 
+@kernel_only
 async def test_cancelling_serve_tcp_closes_sockets_in_the_handshake(
     server_context: ssl.SSLContext,
 ) -> None:
@@ -371,6 +380,7 @@ async def test_protocol_error_with_a_stalled_queued_send_ends() -> None:
 # ----------------------------------------------------------- 5. send_eof
 
 
+@kernel_only
 @pytest.mark.parametrize("idle_timeout", [2.0, None])
 async def test_send_eof_to_a_peer_that_never_reads_is_bounded(
     autojump_clock: trio.testing.MockClock, idle_timeout: float | None
@@ -507,6 +517,7 @@ async def test_broadcast_never_evicts_a_client_that_drains_its_queue(
                 assert got > 0
 
 
+@kernel_only
 async def test_broadcast_still_evicts_a_client_that_never_reads() -> None:
     async def idle(conn: trionet.Connection) -> None:
         await trio.sleep_forever()
@@ -532,6 +543,7 @@ async def test_broadcast_still_evicts_a_client_that_never_reads() -> None:
             sock.close()
 
 
+@kernel_only
 async def test_a_stalled_queue_is_evicted_by_the_next_broadcast(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -559,6 +571,7 @@ async def test_a_stalled_queue_is_evicted_by_the_next_broadcast(
             sock.close()
 
 
+@kernel_only
 async def test_send_waits_on_the_byte_bound(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -700,6 +713,7 @@ async def _tls_client_cut(
     await tls.transport_stream.aclose()
 
 
+@kernel_only
 @pytest.mark.parametrize(
     ("data", "strict", "expected", "incomplete"),
     [
@@ -804,6 +818,7 @@ async def test_a_reply_cut_short_by_shutdown_after_the_peer_eof_is_shutdown(
     assert server.statistics().closed == {CloseReason.SHUTDOWN: 1}
 
 
+@kernel_only
 async def test_flush_timeout_after_the_peer_eof_is_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

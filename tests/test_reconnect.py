@@ -20,6 +20,9 @@ from trionet import CloseReason, ConnectError
 
 LINES = trionet.Lines()
 
+#: Every test here runs over the kernel and over a memory network.
+pytestmark = pytest.mark.usefixtures("network")
+
 
 @pytest.fixture
 def reserved_port() -> Iterator[int]:

@@ -16,8 +16,13 @@ import trio.testing
 import trionet
 from trionet import CloseReason, ConnectError, ConnectionClosed
 
+from .conftest import kernel_only
+
 if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup
+
+#: Every test here runs over the kernel and over a memory network.
+pytestmark = pytest.mark.usefixtures("network")
 
 
 def _has_ipv6_loopback() -> bool:
@@ -129,6 +134,7 @@ async def test_body_exception_is_not_wrapped_in_a_group() -> None:
                 raise Boom
 
 
+@kernel_only
 async def test_connect_refused_is_a_connect_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -143,6 +149,7 @@ async def test_connect_refused_is_a_connect_error() -> None:
     assert str(info.value) == f"cannot connect to 127.0.0.1:{port}: {refused}"
 
 
+@kernel_only
 async def test_connect_timeout(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:

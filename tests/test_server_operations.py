@@ -15,7 +15,11 @@ import trustme
 import trionet
 from trionet import CloseReason, ConnectError, ConnectionClosed
 
+from .conftest import kernel_only
 from .test_server import echo_lines
+
+#: Every test here runs over the kernel and over a memory network.
+pytestmark = pytest.mark.usefixtures("network")
 
 
 async def wait_until_closed(server: trionet.Server, count: int) -> None:
@@ -48,6 +52,7 @@ async def test_registry_tracks_open_connections() -> None:
         await second.aclose()
 
 
+@kernel_only
 async def test_broadcast_evicts_only_the_slow_consumer() -> None:
     """200 connections, one never reads: it is closed as SLOW_CONSUMER and the
     199 others receive every broadcast, in order."""
@@ -302,6 +307,7 @@ async def test_graceful_shutdown_flushes_everything_sent_before_it() -> None:
     assert server.statistics().closed == {CloseReason.SHUTDOWN: clients}
 
 
+@kernel_only
 async def test_shutdown_flush_is_bounded_by_flush_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

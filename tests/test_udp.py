@@ -46,10 +46,15 @@ from trionet._udp import _common, _server
 from trionet._udp._server import _UdpOptionsDict
 from trionet._util import only_own_end
 
+from .conftest import kernel_only
+
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 LINUX = sys.platform.startswith("linux")
+
+#: Every test here runs over the kernel and over a memory network.
+pytestmark = pytest.mark.usefixtures("network")
 
 
 def _can_bind_ipv6_loopback() -> bool:
@@ -354,6 +359,7 @@ async def test_connect_to_other_family_fails_clearly() -> None:
     assert "local_host and remote must be of the same address family" in str(info.value)
 
 
+@kernel_only
 async def test_wrapping_a_socket() -> None:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await sock.bind(("127.0.0.1", 0))
@@ -1881,6 +1887,7 @@ async def test_eviction_counts_the_queue_it_drops(
             assert (stats.peers_evicted, stats.dropped) == (1, 3)
 
 
+@kernel_only  # (sends from a stdlib socket of its own)
 async def test_a_reader_batch_larger_than_read_batch_keeps_order() -> None:
     count = 3 * _server.READ_BATCH + 7
     got: list[bytes] = []
@@ -2048,6 +2055,9 @@ class _RefusingSocket:
         self._reader.close()
 
 
+# (A stand-in for a kernel socket whose buffer is full: a memory socket's
+# send never blocks.)
+@kernel_only
 async def test_peer_send_waits_for_a_full_kernel_buffer_and_is_cancellable() -> None:
     outcomes: list[str] = []
     scopes: list[trio.CancelScope] = []
@@ -2140,6 +2150,7 @@ async def test_a_busy_endpoint_lets_other_tasks_run() -> None:
             assert rounds <= min(_common.SCHEDULE_EVERY, 1000), "other never ran"
 
 
+@kernel_only  # (sends from a stdlib socket of its own)
 async def test_a_busy_handler_lets_other_tasks_run() -> None:
     count = 200
     assert count > 2 * _common.SCHEDULE_EVERY  # what the test relies on

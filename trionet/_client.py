@@ -16,7 +16,13 @@ import trio
 from ._codec import Framing
 from ._connection import Connection, TlsSettings
 from ._exceptions import CloseReason, ConnectError
-from ._transport import SocketTransport, Transport, check_server_hostname
+from ._network import SimulatedStream, current_network
+from ._transport import (
+    SimulatedTransport,
+    SocketTransport,
+    Transport,
+    check_server_hostname,
+)
 from ._util import format_address
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -54,8 +60,25 @@ def _why(exc: OSError) -> str:
     return "; ".join(reasons) if reasons else str(exc)
 
 
+async def _open_tcp_stream(
+    host: str, port: int, local_address: str | None
+) -> trio.SocketStream | SimulatedStream:
+    # (trio's function is looked up at each call: tests replace it.)
+    network = current_network()
+    if network is not None:
+        return await network.connect_tcp(host, port, local_address)
+    return await trio.open_tcp_stream(host, port, local_address=local_address)
+
+
+async def _open_unix_stream(path: str) -> trio.SocketStream | SimulatedStream:
+    network = current_network()
+    if network is not None:
+        return await network.connect_unix(path)
+    return await trio.open_unix_socket(path)
+
+
 async def _connect(
-    open_stream: Callable[[], Awaitable[trio.SocketStream]],
+    open_stream: Callable[[], Awaitable[trio.SocketStream | SimulatedStream]],
     where: str,
     framing: Framing | None,
     ssl_context: ssl.SSLContext | None,
@@ -79,7 +102,13 @@ async def _connect(
             raise ConnectError(
                 CloseReason.ERROR, f"cannot connect to {where}: {_why(exc)}"
             ) from exc
-        plain = SocketTransport.from_trio_socket(stream.socket)
+        # (TLS over a real socket stays on trionet's socket path; over a
+        # simulated network it is trio.SSLStream: see Transport.upgraded.)
+        plain: Transport = (
+            SocketTransport.from_trio_socket(stream.socket)
+            if isinstance(stream, trio.SocketStream)
+            else SimulatedTransport(stream)
+        )
         if ssl_context is None:
             conn = Connection._over(plain, framing)
             conn._tls = tls_settings
@@ -202,7 +231,7 @@ class connect_tcp(Connecting[Connection]):
         super().__init__(
             partial(
                 _connect,
-                partial(trio.open_tcp_stream, host, port, local_address=local_address),
+                partial(_open_tcp_stream, host, port, local_address),
                 format_address((host, port)),
                 framing,
                 ssl_context,
@@ -259,7 +288,7 @@ class connect_unix(Connecting[Connection]):
         super().__init__(
             partial(
                 _connect,
-                partial(trio.open_unix_socket, path),
+                partial(_open_unix_stream, path),
                 format_address(path),
                 framing,
                 ssl_context,

@@ -35,8 +35,11 @@ from typing import Any
 import attrs
 import trio
 
+from ._network import SimulatedListener, current_network
+
 __all__ = [
     "DEFAULT_BACKLOG",
+    "Listener",
     "UnixSocketFile",
     "bind_sockets",
     "open_listeners",
@@ -48,6 +51,8 @@ DEFAULT_BACKLOG = 0xFFFF
 _PORT_ATTEMPTS = 20
 
 _Target = tuple[int, tuple[Any, ...]]
+#: A listening socket, or a simulated network's listener.
+Listener = socket.socket | SimulatedListener
 
 
 async def _resolve(
@@ -124,8 +129,21 @@ async def open_listeners(
     reuse_port: bool = False,
     so_sndbuf: int | None = None,
     so_rcvbuf: int | None = None,
-) -> list[socket.socket]:
-    """Listening TCP sockets on every address of ``hosts``, all on one port."""
+) -> list[Listener]:
+    """Listening TCP sockets on every address of ``hosts``, all on one port
+    (listeners of the simulated network, when one is active)."""
+    network = current_network()
+    if network is not None:
+        return list(
+            await network.listen_tcp(
+                hosts,
+                port,
+                backlog=backlog,
+                reuse_port=reuse_port,
+                so_sndbuf=so_sndbuf,
+                so_rcvbuf=so_rcvbuf,
+            )
+        )
     options = _buffer_options(so_sndbuf, so_rcvbuf)
     if sys.platform != "win32":
         options.append((socket.SO_REUSEADDR, 1))
@@ -147,7 +165,7 @@ async def open_listeners(
         for sock in sockets:
             sock.close()
         raise
-    return sockets
+    return list(sockets)
 
 
 def reuse_port_option() -> int:
@@ -256,9 +274,11 @@ def open_unix_listener(
     backlog: int | None = None,
     so_sndbuf: int | None = None,
     so_rcvbuf: int | None = None,
-) -> tuple[socket.socket, UnixSocketFile]:
+) -> tuple[Listener, UnixSocketFile | None]:
     """A listening UNIX stream socket at ``path``, its file made with
-    ``mode`` (see the top of this module), and that file's identity.
+    ``mode`` (see the top of this module), and that file's identity --
+    or, when a simulated network is active, its listener at ``path`` and
+    None (no file is made).
 
     Raises:
         OSError: EADDRINUSE for a path a live server listens on, EEXIST for
@@ -273,6 +293,12 @@ def open_unix_listener(
         raise ValueError(f"path must name a file, not {path!r}")
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
         raise ValueError(f"mode must be permission bits 0..0o777, not {mode!r}")
+    network = current_network()
+    if network is not None:
+        listener = network.listen_unix(
+            path, backlog=backlog, so_sndbuf=so_sndbuf, so_rcvbuf=so_rcvbuf
+        )
+        return listener, None
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     made: UnixSocketFile | None = None

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
@@ -37,8 +37,16 @@ if TYPE_CHECKING:
     import trio
 
     import trionet
+    import trionet.testing
 
-__all__ = ["echo_server", "tcp_client", "tcp_server", "udp_server"]
+__all__ = [
+    "echo_server",
+    "memory_network",
+    "pytest_configure",
+    "tcp_client",
+    "tcp_server",
+    "udp_server",
+]
 
 #: How many handler tracebacks a failure message shows in full.
 _TRACEBACKS_SHOWN = 3
@@ -56,6 +64,14 @@ class _ServerFraming:
 _SERVER_FRAMING = _ServerFraming()
 
 ServerTarget: TypeAlias = "trionet.Server | tuple[str, int] | int"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "memory_network(**options): options of the test's memory_network "
+        "fixture (seed, buffer_size, capture_bytes, max_records)",
+    )
 
 
 def _describe(handler: object) -> str:
@@ -350,3 +366,33 @@ def _target(server: ServerTarget) -> tuple[str, int]:
         "tcp_client needs a trionet.Server, a (host, port) tuple or a port, "
         f"not {server!r}"
     )
+
+
+@pytest.fixture
+def memory_network(
+    request: pytest.FixtureRequest,
+) -> Iterator[trionet.testing.MemoryNetwork]:
+    """Run the test over a fresh in-memory network instead of the kernel's.
+
+    ::
+
+        @pytest.mark.memory_network(seed=7)
+        async def test_partition(memory_network, echo_server, tcp_client):
+            conn = await tcp_client(echo_server)
+            memory_network.add_host("db")
+            ...
+
+    Every trionet server and client of the test -- including those of the
+    ``tcp_server``, ``tcp_client``, ``udp_server`` and ``echo_server``
+    fixtures, whatever order they are requested in -- runs over the
+    :class:`trionet.testing.MemoryNetwork` this returns.  Give the network's
+    options with a marker: ``@pytest.mark.memory_network(seed=7)``.
+
+    .. versionadded:: 0.1
+    """
+    import trionet.testing
+
+    marker = request.node.get_closest_marker("memory_network")
+    options = {} if marker is None else dict(marker.kwargs)
+    with trionet.testing.MemoryNetwork(**options).activated() as network:
+        yield network

@@ -48,7 +48,8 @@ import trio
 from ._codec import Framing, as_bytes
 from ._connection import DEFAULT_HANDSHAKE_TIMEOUT, Connection, TlsSettings
 from ._exceptions import CloseReason, ConnectError, ConnectionClosed, ProtocolError
-from ._listeners import UnixSocketFile, open_listeners, open_unix_listener
+from ._listeners import Listener, UnixSocketFile, open_listeners, open_unix_listener
+from ._network import SimulatedStream
 from ._options import non_negative, positive, positive_int, positive_or_none
 from ._sending import (
     DEFAULT_BROADCAST_HEADROOM,
@@ -59,7 +60,14 @@ from ._sending import (
     QueuedSendPath,
     SendLimits,
 )
-from ._transport import Address, SocketTransport, TlsTransport, peer_credentials
+from ._transport import (
+    Address,
+    SimulatedTransport,
+    SocketTransport,
+    StreamTransport,
+    Transport,
+    peer_credentials,
+)
 from ._util import (
     call_maybe_async,
     format_address,
@@ -87,6 +95,8 @@ logger = logging.getLogger("trionet")
 Handler: TypeAlias = Callable[[Connection], Awaitable[object]]
 AcceptFilter: TypeAlias = Callable[[Address], "bool | Awaitable[bool]"]
 Hook: TypeAlias = Callable[[Connection], "object | Awaitable[object]"]
+#: An accepted client: a socket, or a simulated network's stream.
+Accepted: TypeAlias = socket.socket | SimulatedStream
 
 
 class Backplane(Protocol):
@@ -334,7 +344,7 @@ class Server:
 
     def __init__(
         self,
-        listeners: list[socket.socket],
+        listeners: list[Listener],
         handler: Handler,
         options: ServerOptions,
         nursery: trio.Nursery,
@@ -487,13 +497,11 @@ class Server:
 
     def _close_listeners(self) -> None:
         for sock in self._listeners:
-            if sock.fileno() >= 0:
-                trio.lowlevel.notify_closing(sock)
-                sock.close()
+            _close_socket(sock)
         if self._socket_file is not None:
             self._socket_file.remove()
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    async def _accept_loop(self, listener: Listener) -> None:
         slots = self._slots
         while True:
             # (The server may have been closed before this task first ran.)
@@ -505,7 +513,7 @@ class Server:
             else:
                 # Take a slot only once a client waits on *this* listener: a
                 # listener nobody connects to must not hold one.
-                await trio.lowlevel.wait_readable(listener)
+                await _wait_acceptable(listener)
                 await slots.acquire()
                 try:
                     accepted = await self._accept(listener, wait=False)
@@ -523,8 +531,8 @@ class Server:
             self._handlers.start_soon(self._run_connection, sock, name=_TASK_NAME)
 
     async def _accept(
-        self, listener: socket.socket, *, wait: bool = True
-    ) -> socket.socket | None:
+        self, listener: Listener, *, wait: bool = True
+    ) -> Accepted | None:
         """Accept one client; without ``wait``, None if none is waiting."""
         while True:
             try:
@@ -532,7 +540,7 @@ class Server:
             except BlockingIOError:
                 if not wait:
                     return None
-                await trio.lowlevel.wait_readable(listener)
+                await _wait_acceptable(listener)
                 continue
             except OSError as exc:
                 name = errno.errorcode.get(exc.errno or 0, exc.errno)
@@ -557,7 +565,7 @@ class Server:
 
     # ------------------------------------------------------------ connections
 
-    async def _admit(self, sock: socket.socket) -> Connection | None:
+    async def _admit(self, sock: Accepted) -> Connection | None:
         """Filter, handshake and wrap one accepted socket; None if it ends
         here.  Shutdown cancels this at once; the socket is closed whatever
         happens, unless a connection now owns it."""
@@ -581,17 +589,14 @@ class Server:
         finally:
             self._admitting -= 1
             self._admission_scopes.discard(scope)
-            if conn is None and sock.fileno() >= 0:
-                trio.lowlevel.notify_closing(sock)
-                sock.close()
+            if conn is None:
+                _close_socket(sock)
 
-    async def _open(self, sock: socket.socket) -> Connection | None:
+    async def _open(self, sock: Accepted) -> Connection | None:
         options = self._options
         if options.accept is not None:
             try:
-                # (A UNIX socket client's address is nearly always empty:
-                # who it is matters.)
-                address = peer_credentials(sock) or sock.getpeername()
+                address = _client_identity(sock)
                 admitted = await call_maybe_async(options.accept, address)
             except Exception:
                 logger.exception("accept filter failed; refusing the client")
@@ -601,13 +606,14 @@ class Server:
                 self._closed[CloseReason.REJECTED] += 1
                 _refuse(sock)
                 return None
-        if options.ssl_context is None:
-            transport: SocketTransport = SocketTransport(sock)
-        else:
-            transport = TlsTransport(
-                sock,
+        transport: Transport = _plain_transport(sock)
+        if options.ssl_context is not None:
+            # A real socket: TlsTransport, on trionet's socket path; a
+            # simulated one: trio.SSLStream (see Transport.upgraded).
+            transport = transport.upgraded(
                 options.ssl_context,
                 server_side=True,
+                server_hostname=None,
                 require_close_notify=options.require_close_notify,
             )
             reason = None
@@ -648,7 +654,7 @@ class Server:
         self._cleanup_scopes.add(scope)
         return scope
 
-    async def _run_connection(self, sock: socket.socket) -> None:
+    async def _run_connection(self, sock: Accepted) -> None:
         # (One coroutine frame for the whole life of a connection: an idle
         # connection's memory is mostly the frames its task holds.)
         options = self._options
@@ -784,7 +790,7 @@ class Server:
 _REFUSED_DRAIN = 256 * 1024
 
 
-def _refuse(sock: socket.socket) -> None:
+def _refuse(sock: Accepted) -> None:
     """End a refused client's connection with a FIN where the kernel allows.
 
     Closing a socket with unread bytes makes the kernel answer with a reset,
@@ -792,6 +798,9 @@ def _refuse(sock: socket.socket) -> None:
     read (and drop) what it already sent, up to a bound, then send the FIN;
     the caller closes the socket.
     """
+    if not isinstance(sock, socket.socket):
+        sock.refuse()
+        return
     try:
         sock.setblocking(False)
         left = _REFUSED_DRAIN
@@ -806,9 +815,48 @@ def _refuse(sock: socket.socket) -> None:
             sock.shutdown(socket.SHUT_WR)
 
 
-def _accept_nowait(listener: socket.socket) -> tuple[socket.socket, Address]:
+def _accept_nowait(listener: Listener) -> tuple[Accepted, Address]:
     # (A function of its own so that tests can inject accept errors.)
     return listener.accept()
+
+
+# A server's listeners and accepted clients are sockets -- or, under a
+# simulated network (trionet/_network.py), objects of its own.  These are
+# the only places that tell the two apart.
+
+
+async def _wait_acceptable(listener: Listener) -> None:
+    if isinstance(listener, socket.socket):
+        await trio.lowlevel.wait_readable(listener)
+    else:
+        await listener.wait_acceptable()
+
+
+def _close_socket(sock: Listener | Accepted) -> None:
+    """Close a listener or an accepted client at once (trio first, so that
+    a task waiting on the socket wakes)."""
+    if not isinstance(sock, socket.socket):
+        sock.close()
+    elif sock.fileno() >= 0:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+def _plain_transport(sock: Accepted) -> SocketTransport | StreamTransport:
+    if isinstance(sock, socket.socket):
+        return SocketTransport(sock)
+    return SimulatedTransport(sock)
+
+
+def _client_identity(sock: Accepted) -> Address:
+    """What the accept filter is given: a UNIX socket client's credentials
+    (its address is nearly always empty), else its address."""
+    if not isinstance(sock, socket.socket):
+        _local, remote, credentials = sock.endpoints()
+        identity = credentials or remote
+        assert identity is not None
+        return identity
+    return peer_credentials(sock) or sock.getpeername()
 
 
 async def serve_tcp(
@@ -933,12 +981,13 @@ async def serve_unix(
             handler, [listener], opts, handler_nursery, task_status, socket_file
         )
     finally:
-        socket_file.remove()
+        if socket_file is not None:
+            socket_file.remove()
 
 
 async def _serve(
     handler: Handler,
-    listeners: list[socket.socket],
+    listeners: list[Listener],
     opts: ServerOptions,
     handler_nursery: trio.Nursery | None,
     task_status: trio.TaskStatus[Server],
@@ -981,8 +1030,7 @@ async def _serve(
                 own_nursery.cancel_scope.cancel()
     finally:
         for sock in listeners:
-            if sock.fileno() >= 0:
-                sock.close()
+            _close_socket(sock)
         if server is not None:
             server._stopped.set()
 

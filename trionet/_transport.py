@@ -50,10 +50,12 @@ import trio
 import trio.testing
 
 from ._codec import ReceiveBuffer
+from ._network import SimulatedStream
 
 __all__ = [
     "Address",
     "PeerCredentials",
+    "SimulatedTransport",
     "SocketTransport",
     "StreamTransport",
     "TlsTransport",
@@ -856,7 +858,10 @@ def _close_sync(stream: object) -> bool:
     if isinstance(stream, trio.StapledStream):
         return _close_sync(stream.send_stream) & _close_sync(stream.receive_stream)
     if isinstance(
-        stream, trio.testing.MemorySendStream | trio.testing.MemoryReceiveStream
+        stream,
+        trio.testing.MemorySendStream
+        | trio.testing.MemoryReceiveStream
+        | SimulatedStream,
     ):
         stream.close()
         return True
@@ -880,6 +885,8 @@ class StreamTransport(Transport):
 
     def _look_up_addresses(self) -> _Endpoints:
         sock = _find_socket(self._stream)
+        if isinstance(sock, SimulatedStream):
+            return sock.endpoints()
         return (None, None, None) if sock is None else _addresses(sock)
 
     @property
@@ -956,6 +963,19 @@ class StreamTransport(Transport):
         return self._stream
 
 
+class SimulatedTransport(StreamTransport):
+    """A simulated network's stream (``trionet/_network.py``).  It takes
+    bytes without awaiting, as a socket does, so a send goes out at once
+    rather than through a writer task, as over :class:`SocketTransport`."""
+
+    __slots__ = ()
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        stream = self._stream
+        assert isinstance(stream, SimulatedStream)
+        return stream.send_nowait(data)
+
+
 def _is_tls_eof(exc: BaseException | None) -> bool:
     # (Some OpenSSL builds report the missing close_notify by its reason
     # string only.)
@@ -964,10 +984,12 @@ def _is_tls_eof(exc: BaseException | None) -> bool:
     )
 
 
-def _find_socket(stream: object) -> trio.socket.SocketType | None:
+def _find_socket(stream: object) -> trio.socket.SocketType | SimulatedStream | None:
     for _ in range(8):
         if isinstance(stream, trio.SocketStream):
             return stream.socket
+        if isinstance(stream, SimulatedStream):
+            return stream
         inner = getattr(stream, "transport_stream", None)
         if inner is None:
             return None

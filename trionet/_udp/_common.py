@@ -24,6 +24,13 @@ it would block.  trio's checkpoint rules still hold where they matter:
   FIFO :class:`WaitLine` first, and a caller that finds the line non-empty
   joins it too, even if the kernel could serve it at once.  When nobody
   waits, nobody touches the line's lock.
+
+Simulated networks.  Under :func:`trionet.testing.memory_network` the socket
+is a :class:`~trionet._network.SimulatedDatagramSocket`: the same calls, with
+waits of its own instead of trio's.  Which waits (and how to close) is decided
+once, when an endpoint or a server socket is set up (:func:`waits_for`); the
+datagram path only calls what it was given, so it costs a kernel socket
+nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import trio
 
 from .._codec import as_bytes
 from .._exceptions import DatagramError, MessageTooLarge
+from .._network import SimulatedDatagramSocket
 from .._options import positive_int
 from .._util import format_address
 
@@ -51,16 +59,20 @@ __all__ = [
     "Address",
     "Pacer",
     "Payload",
+    "UdpSocket",
+    "Wait",
     "WaitLine",
     "buffer_size",
     "check_argument",
     "check_family_max_size",
     "checked_payload",
+    "close_socket",
     "datagram_size",
     "reported_size",
     "sendable_as_is",
     "set_buffer_sizes",
     "translate",
+    "waits_for",
 ]
 
 _T = TypeVar("_T")
@@ -69,6 +81,12 @@ _T = TypeVar("_T")
 #: ``(host, port, flowinfo, scope_id)`` for IPv6.
 Address: TypeAlias = tuple[Any, ...]
 Payload: TypeAlias = bytes | bytearray | memoryview | str
+#: A socket the fast path drives: a non-blocking stdlib UDP socket, or a
+#: simulated network's.
+UdpSocket: TypeAlias = socket.socket | SimulatedDatagramSocket
+#: How the fast path waits for its socket to become readable (or writable):
+#: ``await wait(sock)``.
+Wait: TypeAlias = Callable[[Any], Awaitable[None]]
 
 #: Largest UDP payload over IPv4 (65535 - 20 byte IP header - 8 byte UDP header).
 IPV4_MAX_PAYLOAD = 65507
@@ -140,7 +158,7 @@ def buffer_size(instance: object, attribute: Any, value: object) -> None:
 
 
 def set_buffer_sizes(
-    sock: socket.socket, so_sndbuf: int | None, so_rcvbuf: int | None
+    sock: UdpSocket, so_sndbuf: int | None, so_rcvbuf: int | None
 ) -> None:
     """Set the kernel's send and receive buffer of ``sock``, where given."""
     if so_sndbuf is not None:
@@ -191,6 +209,25 @@ def sendable_as_is(address: object, family: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def waits_for(sock: UdpSocket) -> tuple[Wait, Wait]:
+    """How the fast path waits for ``sock`` to become readable and writable:
+    trio's :func:`~trio.lowlevel.wait_readable` and ``wait_writable`` for a
+    kernel socket, the socket's own waits for a simulated network's.  Asked
+    once per socket, when an endpoint or a server socket is set up."""
+    if isinstance(sock, SimulatedDatagramSocket):
+        return type(sock).wait_readable, type(sock).wait_writable
+    return trio.lowlevel.wait_readable, trio.lowlevel.wait_writable
+
+
+def close_socket(sock: UdpSocket) -> None:
+    """Close ``sock`` (if still open), waking a task waiting on it."""
+    if isinstance(sock, SimulatedDatagramSocket):
+        sock.close()  # (it wakes its own waiters)
+    elif sock.fileno() >= 0:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
 
 
 #: Calls an endpoint or peer completes at once (without waiting) before it
@@ -261,14 +298,14 @@ class WaitLine:
 
     async def retry(
         self,
-        wait: Callable[[socket.socket], Awaitable[None]],
-        sock: socket.socket,
+        wait: Wait,
+        sock: UdpSocket,
         attempt: Callable[[], _T | None],
         pacer: Pacer,
     ) -> _T:
         """Join the line; at its head, call ``attempt()`` until it gives a
         result, waiting for ``sock`` with ``wait`` (``wait_readable`` or
-        ``wait_writable``) in between.
+        ``wait_writable``, as :func:`waits_for` gave them) in between.
 
         ``attempt`` makes the non-blocking system call: it returns None when
         the kernel would block and raises what the caller should see

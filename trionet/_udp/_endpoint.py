@@ -26,6 +26,11 @@ with ``oversized="raise"`` the receive raises :class:`DatagramTooLarge`
 instead.  The datagram is copied out of the buffer before anything awaits.
 Sends check the size before touching the socket.
 
+Under a simulated network (:func:`trionet.testing.memory_network`),
+:func:`open_udp` makes the network's socket instead of the kernel's, and the
+endpoint waits with that socket's own waits (``_common.waits_for``, asked
+once in the constructor); nothing else differs.
+
 Cancellation.  A receive is cancelled only before its ``recvfrom`` or
 while it waits (nothing was taken from the kernel), a send only before its
 ``sendto`` or while it waits (nothing was sent); a datagram taken or sent is
@@ -47,6 +52,7 @@ import attrs
 import trio
 
 from .._exceptions import CloseReason, ConnectError, ConnectionClosed, DatagramTooLarge
+from .._network import current_network
 from .._options import port_number
 from .._util import format_address
 from ._common import (
@@ -55,16 +61,19 @@ from ._common import (
     Address,
     Pacer,
     Payload,
+    UdpSocket,
     WaitLine,
     buffer_size,
     check_argument,
     check_family_max_size,
     checked_payload,
+    close_socket,
     datagram_size,
     reported_size,
     sendable_as_is,
     set_buffer_sizes,
     translate,
+    waits_for,
 )
 
 __all__ = [
@@ -165,11 +174,12 @@ class Datagram(trio.abc.AsyncResource):
     def _over(
         cls,
         sock: trio.socket.SocketType,
-        raw: socket.socket,
+        raw: UdpSocket,
         max_size: int,
         oversized: Oversized,
     ) -> Datagram:
-        """An endpoint over ``raw``, the stdlib socket ``sock`` wraps."""
+        """An endpoint over ``raw``, the stdlib (or simulated) socket
+        ``sock`` wraps."""
         self = cls.__new__(cls)
         self._setup(sock, raw, max_size, oversized)
         return self
@@ -177,7 +187,7 @@ class Datagram(trio.abc.AsyncResource):
     def _setup(
         self,
         sock: trio.socket.SocketType,
-        raw: socket.socket | None,
+        raw: UdpSocket | None,
         max_size: int,
         oversized: Oversized,
     ) -> None:
@@ -195,6 +205,7 @@ class Datagram(trio.abc.AsyncResource):
         raw.setblocking(False)
         self._sock = sock
         self._raw = raw
+        self._wait_readable, self._wait_writable = waits_for(raw)
         self._family = raw.family
         self._max_size = max_size
         self._raise_oversized = oversized == "raise"
@@ -317,7 +328,7 @@ class Datagram(trio.abc.AsyncResource):
         # ``remote`` is named in errors.
         try:
             await self._senders.retry(
-                trio.lowlevel.wait_writable,
+                self._wait_writable,
                 self._raw,
                 lambda: self._send_nowait(payload, to, remote) or None,
                 self._pacer,
@@ -383,7 +394,7 @@ class Datagram(trio.abc.AsyncResource):
         # The slow path: nothing ready, or others wait to receive.
         try:
             return await self._receivers.retry(
-                trio.lowlevel.wait_readable,
+                self._wait_readable,
                 self._raw,
                 self._receive_nowait,
                 self._pacer,
@@ -453,8 +464,7 @@ class Datagram(trio.abc.AsyncResource):
         """Close the socket.  Tasks waiting on it get :class:`ConnectionClosed`."""
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self._raw)
-            self._raw.close()
+            close_socket(self._raw)
             self._sock.close()  # a no-op unless it was the caller's socket
         await trio.lowlevel.checkpoint()
 
@@ -595,21 +605,22 @@ async def _open_datagram(
     so_sndbuf: int | None,
     so_rcvbuf: int | None,
 ) -> Datagram:
+    # (Under a simulated network: its names and its sockets.)
+    network = current_network()
+    getaddrinfo = trio.socket.getaddrinfo if network is None else network.getaddrinfo
     if host is None and remote is None:
         host = "0.0.0.0"
     elif host is None and remote is not None:
         # The wildcard address of the remote's family.
         try:
-            infos = await trio.socket.getaddrinfo(
-                remote[0], remote[1], type=socket.SOCK_DGRAM
-            )
+            infos = await getaddrinfo(remote[0], remote[1], type=socket.SOCK_DGRAM)
         except OSError as exc:
             raise ConnectError(
                 CloseReason.ERROR,
                 f"could not resolve the UDP remote {format_address(remote)}: {exc}",
             ) from exc
         host = "::" if infos[0][0] == socket.AF_INET6 else "0.0.0.0"
-    infos = await trio.socket.getaddrinfo(
+    infos = await getaddrinfo(
         host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
     )
     family, type_, proto, _, sockaddr = infos[0]
@@ -618,7 +629,11 @@ async def _open_datagram(
         raise ValueError(
             "broadcast=True needs an IPv4 local_host: IPv6 has no broadcast"
         )
-    raw = socket.socket(family, type_, proto)
+    raw: UdpSocket
+    if network is None:
+        raw = socket.socket(family, type_, proto)
+    else:
+        raw = network.udp_socket(family)
     try:
         raw.setblocking(False)
         if broadcast:
@@ -626,7 +641,11 @@ async def _open_datagram(
         set_buffer_sizes(raw, so_sndbuf, so_rcvbuf)
         # trio's wrapper (the same socket object underneath) connects without
         # blocking on a name lookup, and is what Datagram.socket gives out.
-        sock = trio.socket.from_stdlib_socket(raw)
+        sock = (
+            trio.socket.from_stdlib_socket(raw)
+            if isinstance(raw, socket.socket)
+            else raw.trio_socket()
+        )
         await sock.bind(sockaddr)
         if remote is not None:
             try:

@@ -20,6 +20,11 @@ costs that peer's task one wake-up, not one per datagram.  Each handler reads
 its own queue, so it sees its peer's datagrams in arrival order, and a slow
 handler only ever delays itself.
 
+Under a simulated network (:func:`trionet.testing.memory_network`) the
+sockets are the network's, bound by it, and each :class:`_ServerSocket` keeps
+the waits ``_common.waits_for`` gave it when it was made: the reader and the
+peers' senders wait with those, and nothing else differs.
+
 Receives and sends follow the fast path described in ``_common``: a receive
 from a non-empty queue and a ``sendto`` the kernel takes at once do not
 wait, and pass through the scheduler once per ``SCHEDULE_EVERY`` calls.
@@ -84,6 +89,7 @@ from .._exceptions import (
     DatagramTooLarge,
 )
 from .._listeners import bind_sockets, reuse_port_option
+from .._network import current_network
 from .._options import non_negative, port_number, positive_int, positive_or_none
 from .._util import format_address, host_handlers, only_own_end, server_in_block
 from ._common import (
@@ -93,15 +99,18 @@ from ._common import (
     Address,
     Pacer,
     Payload,
+    UdpSocket,
     WaitLine,
     buffer_size,
     check_argument,
     check_family_max_size,
     checked_payload,
+    close_socket,
     datagram_size,
     reported_size,
     set_buffer_sizes,
     translate,
+    waits_for,
 )
 
 if TYPE_CHECKING:
@@ -239,14 +248,15 @@ class UdpServerStatistics:
 
 
 class _ServerSocket:
-    """One bound non-blocking socket of a server, and the line of its peers'
-    senders that have to wait for it."""
+    """One bound non-blocking socket of a server, how to wait for it, and
+    the line of its peers' senders that have to wait for it."""
 
-    __slots__ = ("local_address", "senders", "sock")
+    __slots__ = ("local_address", "senders", "sock", "wait_readable", "wait_writable")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: UdpSocket) -> None:
         self.sock = sock
         self.local_address: Address = sock.getsockname()
+        self.wait_readable, self.wait_writable = waits_for(sock)
         self.senders = WaitLine()
 
 
@@ -387,7 +397,7 @@ class UdpPeer:
         # on this socket.
         try:
             await self._endpoint.senders.retry(
-                trio.lowlevel.wait_writable,
+                self._endpoint.wait_writable,
                 self._endpoint.sock,
                 lambda: self._send_nowait(payload) or None,
                 self._pacer,
@@ -638,7 +648,7 @@ class UdpServer:
             self._handlers.cancel_scope.cancel()
         self._idle_watch.cancel()
         for endpoint in self._sockets:
-            _close_socket(endpoint.sock)
+            close_socket(endpoint.sock)
 
     # --------------------------------------------------------- idle timeout
 
@@ -689,6 +699,7 @@ class UdpServer:
         for its peer.  (The datagram path of the whole server: kept in one
         function.)"""
         sock = endpoint.sock
+        wait_readable = endpoint.wait_readable
         options = self._options
         max_size = options.max_size
         queue_size = options.queue_size
@@ -743,7 +754,7 @@ class UdpServer:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 continue
             try:
-                await trio.lowlevel.wait_readable(sock)
+                await wait_readable(sock)
             except trio.ClosedResourceError:
                 return
 
@@ -913,7 +924,7 @@ async def serve_udp(
                 server._close_now()
     finally:
         for sock in sockets:
-            _close_socket(sock)
+            close_socket(sock)
         server._stopped.set()
 
 
@@ -953,16 +964,9 @@ async def open_udp_server(
         yield server
 
 
-def _close_socket(sock: socket.socket) -> None:
-    """Close ``sock``, waking a reader or sender waiting on it."""
-    if sock.fileno() >= 0:
-        trio.lowlevel.notify_closing(sock)
-        sock.close()
-
-
 async def _bind_server_sockets(
     host: str | None, port: int, options: UdpServerOptions
-) -> list[socket.socket]:
+) -> list[UdpSocket]:
     # reuse_port_option() raises OSError here, before any socket exists.
     option = reuse_port_option() if options.reuse_port else None
 
@@ -971,9 +975,18 @@ async def _bind_server_sockets(
             sock.setsockopt(socket.SOL_SOCKET, option, 1)
         set_buffer_sizes(sock, options.so_sndbuf, options.so_rcvbuf)
 
-    sockets = await bind_sockets([host], port, socket.SOCK_DGRAM, setup)
+    sockets: list[UdpSocket]
+    network = current_network()
+    if network is None:
+        sockets = list(await bind_sockets([host], port, socket.SOCK_DGRAM, setup))
+    else:
+        sockets = list(
+            await network.bind_udp([host], port, reuse_port=options.reuse_port)
+        )
     try:
         for sock in sockets:
+            if network is not None:
+                set_buffer_sizes(sock, options.so_sndbuf, options.so_rcvbuf)
             check_family_max_size(options.max_size, sock.family)
     except BaseException:
         for sock in sockets:
