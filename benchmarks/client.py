@@ -24,6 +24,18 @@ accepted it and run its handler), and reads the server's ``VmRSS`` from
 Every connection goes to 127.0.0.1:PORT, or to a UNIX socket when the target
 is a path (a str) instead of a port.
 
+TLS
+---
+Given a client ``ssl.SSLContext`` (``--tls``), every echo connection does its
+TLS handshake first (blocking, before the warm-up) and the rounds then run
+over non-blocking ``ssl.SSLSocket`` objects on the same epoll loop: a receive
+reads every decrypted record until the SSL layer wants more.  The handshake
+workload (:func:`run_handshakes`) keeps a few connections in flight, each a
+fresh TCP connection with a full TLS handshake (no session resumption), one
+64-byte line echoed over it, then close_notify and close; it counts completed
+connections per second.  The client does not verify the server's certificate:
+that is client-side CPU that would only make the client the bottleneck.
+
 Used by ``run.py``; also runnable by hand against a server started by hand::
 
     python benchmarks/client.py PORT PID pingpong --conns 50 --duration 2
@@ -33,12 +45,15 @@ Used by ``run.py``; also runnable by hand against a server started by hand::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import random
 import resource
 import select
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -135,7 +150,17 @@ def frame_request(size: int) -> bytes:
 Target = int | str
 
 
-def _connect(target: Target) -> socket.socket:
+def client_tls_context() -> ssl.SSLContext:
+    """The load client's TLS settings: TLS 1.3, no certificate check, no
+    session tickets kept (every connection does a full handshake)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+def _connect(target: Target, tls: ssl.SSLContext | None = None) -> socket.socket:
     if isinstance(target, str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -144,10 +169,40 @@ def _connect(target: Target) -> socket.socket:
         except BaseException:
             sock.close()
             raise
+    else:
+        sock = socket.create_connection(("127.0.0.1", target), timeout=10.0)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is None:
         return sock
-    sock = socket.create_connection(("127.0.0.1", target), timeout=10.0)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    try:
+        return tls.wrap_socket(sock)  # handshake now, with the 10 s timeout
+    except BaseException:
+        sock.close()
+        raise
+
+
+#: What a non-blocking socket raises when it cannot go on now (plain, TLS).
+_AGAIN = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _receive(sock: socket.socket, scratch: bytearray) -> int:
+    """Read what is there now into ``scratch``: -1 if nothing, 0 at the end.
+
+    Over TLS, also reads what the SSL layer has already decrypted (epoll
+    cannot see it); records still in the kernel wake epoll again."""
+    try:
+        count = sock.recv_into(scratch)
+    except _AGAIN:
+        return -1
+    if count == 0 or not isinstance(sock, ssl.SSLSocket):
+        return count
+    view = memoryview(scratch)
+    while count < len(scratch) and sock.pending():
+        more = sock.recv_into(view[count:])
+        if more == 0:
+            break
+        count += more
+    return count
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -184,6 +239,67 @@ def _percentile(sorted_values: list[int], fraction: float) -> float:
 # ------------------------------------------------------------ echo rounds
 
 
+class _Phases:
+    """The warm-up, measured and draining phases of one run (0, 1, 2), and
+    what the measured one counted: rounds, their latencies, and the wall and
+    server CPU time they took."""
+
+    def __init__(
+        self, pid: int, warmup: float, duration: float, max_rounds: float
+    ) -> None:
+        self.pid = pid
+        self.warm_end = time.perf_counter() + warmup
+        self.measure_end = self.warm_end + duration
+        self.hard_end = self.measure_end + DRAIN_TIMEOUT
+        self.max_rounds = max_rounds
+        self.phase = 0
+        self.rounds = 0
+        self.latencies: list[int] = []
+        self.t_start = self.cpu_start = self.t_end = self.cpu_end = 0.0
+
+    def tick(self) -> bool:
+        """Move on to the next phase when its time has come; False once the
+        drain has taken too long."""
+        now = time.perf_counter()
+        if self.phase == 0 and now >= self.warm_end:
+            self.phase = 1
+            self.cpu_start = server_cpu_seconds(self.pid)
+            self.t_start = time.perf_counter()
+        elif self.phase == 1 and (
+            now >= self.measure_end or self.rounds >= self.max_rounds
+        ):
+            self.phase = 2
+        elif now >= self.hard_end:
+            return False
+        return True
+
+    def round_done(self, started_ns: int) -> bool:
+        """Count a round that started at ``started_ns`` (if measured); True
+        if another should start in its place."""
+        if self.phase == 1:
+            self.rounds += 1
+            self.latencies.append(time.perf_counter_ns() - started_ns)
+        return self.phase < 2
+
+    def stop(self) -> None:
+        self.t_end = time.perf_counter()
+        self.cpu_end = server_cpu_seconds(self.pid)
+
+    def figures(self, messages_per_round: int, bytes_per_round: int) -> dict[str, Any]:
+        if self.phase == 0:
+            raise RuntimeError("the measurement never left its warm-up")
+        latencies = sorted(self.latencies)
+        return {
+            "messages": self.rounds * messages_per_round,
+            "bytes": self.rounds * bytes_per_round,
+            "rounds": self.rounds,
+            "seconds": self.t_end - self.t_start,
+            "server_cpu": self.cpu_end - self.cpu_start,
+            "p50_us": _percentile(latencies, 0.50) / 1000,
+            "p99_us": _percentile(latencies, 0.99) / 1000,
+        }
+
+
 def run_echo(
     target: Target,
     pid: int,
@@ -194,15 +310,24 @@ def run_echo(
     duration: float,
     warmup: float,
     max_rounds: int = 50_000_000,
+    tls: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
-    """Measure request/echo rounds over ``conns`` connections.
+    """Measure request/echo rounds over ``conns`` connections (over TLS with
+    ``tls``).
 
     Returns messages, wire bytes received, elapsed seconds, server CPU seconds,
     rounds and the p50/p99 round-trip time in microseconds, all over the
     measured period only.
     """
     expect = len(request)
-    socks = [_connect(target) for _ in range(conns)]
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(conns):
+            socks.append(_connect(target, tls))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
     poller = select.epoll()
     scratch = bytearray(1 << 20)
     by_fd: dict[int, _Conn] = {}
@@ -219,7 +344,7 @@ def run_echo(
         conn.started = time.perf_counter_ns()
         try:
             sent = conn.sock.send(request)
-        except BlockingIOError:
+        except _AGAIN:
             sent = 0
         if sent < expect:
             conn.pending = memoryview(request)[sent:]
@@ -229,32 +354,18 @@ def run_echo(
         for conn in by_fd.values():
             start_round(conn)
         active = len(by_fd)
-        begin = time.perf_counter()
-        warm_end = begin + warmup
-        measure_end = warm_end + duration
-        hard_end = measure_end + DRAIN_TIMEOUT
-        phase = 0  # 0: warm-up, 1: measured, 2: draining
-        rounds = 0
-        latencies: list[int] = []
-        t_start = cpu_start = 0.0
+        phases = _Phases(pid, warmup, duration, max_rounds)
         for _ in range(MAX_POLLS):
             if not active:
                 break
-            now = time.perf_counter()
-            if phase == 0 and now >= warm_end:
-                phase = 1
-                cpu_start = server_cpu_seconds(pid)
-                t_start = time.perf_counter()
-            elif phase == 1 and (now >= measure_end or rounds >= max_rounds):
-                phase = 2
-            elif now >= hard_end:
+            if not phases.tick():
                 raise TimeoutError(f"{active} connections still waiting for echoes")
             for fd, events in poller.poll(0.1):
                 conn = by_fd[fd]
                 if events & select.EPOLLOUT and conn.pending is not None:
                     try:
                         sent = conn.sock.send(conn.pending)
-                    except BlockingIOError:
+                    except _AGAIN:
                         sent = 0
                     conn.pending = conn.pending[sent:]
                     if not conn.pending:
@@ -262,9 +373,8 @@ def run_echo(
                         poller.modify(fd, read_mask)
                 if not events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                     continue
-                try:
-                    count = conn.sock.recv_into(scratch)
-                except BlockingIOError:
+                count = _receive(conn.sock, scratch)
+                if count < 0:
                     continue
                 if count == 0:
                     raise ConnectionError("server closed a connection mid-benchmark")
@@ -279,34 +389,121 @@ def run_echo(
                     if conn.check != request:
                         raise ConnectionError("server echoed different bytes")
                     conn.check = None
-                if phase == 1:
-                    rounds += 1
-                    latencies.append(time.perf_counter_ns() - conn.started)
-                if phase < 2:
+                if phases.round_done(conn.started):
                     start_round(conn)
                 else:
                     active -= 1
         else:
             raise TimeoutError("poll bound reached")
-        t_end = time.perf_counter()
-        cpu_end = server_cpu_seconds(pid)
+        phases.stop()
     finally:
         poller.close()
         for sock in socks:
             sock.close()
-    if phase == 0:
-        raise RuntimeError("the measurement never left its warm-up")
-    latencies.sort()
-    messages = rounds * messages_per_round
-    return {
-        "messages": messages,
-        "bytes": rounds * expect,
-        "rounds": rounds,
-        "seconds": t_end - t_start,
-        "server_cpu": cpu_end - cpu_start,
-        "p50_us": _percentile(latencies, 0.50) / 1000,
-        "p99_us": _percentile(latencies, 0.99) / 1000,
-    }
+    return phases.figures(messages_per_round, expect)
+
+
+# ------------------------------------------------------------- handshakes
+
+
+class _Handshaker:
+    __slots__ = ("fd", "received", "sent", "sock", "started")
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.started = time.perf_counter_ns()
+        self.sent = False
+        self.received = bytearray()
+
+
+def run_handshakes(
+    target: Target,
+    pid: int,
+    *,
+    tls: ssl.SSLContext,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+) -> dict[str, Any]:
+    """Fresh TLS connections per second: ``concurrency`` in flight, each a
+    new TCP connection, a full handshake, one line echoed, close_notify and
+    close.  Same result keys as :func:`run_echo` (a message is a connection).
+    """
+    line = line_request()
+    poller = select.epoll()
+    scratch = bytearray(1 << 16)
+    live: dict[int, _Handshaker] = {}
+
+    def start() -> None:
+        raw = _connect(target)
+        try:
+            raw.setblocking(False)
+            sock = tls.wrap_socket(raw, do_handshake_on_connect=False)
+        except BaseException:
+            raw.close()
+            raise
+        one = _Handshaker(sock)
+        live[one.fd] = one
+        poller.register(one.fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def finish(one: _Handshaker) -> None:
+        poller.unregister(one.fd)
+        del live[one.fd]
+        with contextlib.suppress(OSError, ValueError):
+            one.sock.unwrap()  # sends close_notify; the reply is not awaited
+        one.sock.close()
+
+    def step(one: _Handshaker) -> bool:
+        """Move one connection on; True once its echo is back."""
+        sock = one.sock
+        if not one.sent:
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                poller.modify(one.fd, select.EPOLLIN)
+                return False
+            except ssl.SSLWantWriteError:
+                poller.modify(one.fd, select.EPOLLOUT)
+                return False
+            sock.send(line)  # (64 bytes into an empty socket buffer)
+            one.sent = True
+            poller.modify(one.fd, select.EPOLLIN)
+        count = _receive(sock, scratch)
+        if count == 0:
+            raise ConnectionError("server closed a connection before echoing")
+        if count > 0:
+            one.received += scratch[:count]
+        if len(one.received) < len(line):
+            return False
+        if one.received != line:
+            raise ConnectionError("server echoed different bytes")
+        return True
+
+    try:
+        for _ in range(concurrency):
+            start()
+        phases = _Phases(pid, warmup, duration, math.inf)
+        for _ in range(MAX_POLLS):
+            if not live:
+                break
+            if not phases.tick():
+                raise TimeoutError(f"{len(live)} connections still handshaking")
+            for fd, _events in poller.poll(0.1):
+                one = live[fd]
+                if not step(one):
+                    continue
+                finish(one)
+                if phases.round_done(one.started):
+                    start()
+        else:
+            raise TimeoutError("poll bound reached")
+        phases.stop()
+    finally:
+        poller.close()
+        for one in live.values():
+            one.sock.close()
+    return phases.figures(1, len(line))
 
 
 # ------------------------------------------------------------------- idle
@@ -356,16 +553,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="the server's TCP port, or its UNIX socket path")
     parser.add_argument("pid", type=int, help="the server's pid (for CPU and RSS)")
-    parser.add_argument("workload", choices=("pingpong", "pipelined", "frames", "idle"))
+    parser.add_argument(
+        "workload", choices=("pingpong", "pipelined", "frames", "idle", "handshakes")
+    )
     parser.add_argument("--conns", type=int, default=1)
     parser.add_argument("--size", type=int, default=1024, help="frame payload bytes")
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--warmup", type=float, default=0.3)
+    parser.add_argument("--tls", action="store_true", help="speak TLS 1.3")
     args = parser.parse_args()
     raise_fd_limit()
     target: Target = int(args.target) if args.target.isdigit() else args.target
+    tls = client_tls_context() if args.tls or args.workload == "handshakes" else None
     if args.workload == "idle":
         result = run_idle(target, args.pid, conns=args.conns)
+    elif args.workload == "handshakes":
+        assert tls is not None
+        result = run_handshakes(
+            target,
+            args.pid,
+            tls=tls,
+            concurrency=args.conns,
+            duration=args.duration,
+            warmup=args.warmup,
+        )
     else:
         if args.workload == "pingpong":
             request, per_round = line_request(), 1
@@ -381,6 +592,7 @@ def main() -> None:
             messages_per_round=per_round,
             duration=args.duration,
             warmup=args.warmup,
+            tls=tls,
         )
     print(json.dumps(result))
 

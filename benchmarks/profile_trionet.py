@@ -69,15 +69,20 @@ def _measure(server: run.Server, work: run.Workload, duration: float) -> dict[st
         messages_per_round=per_round,
         duration=duration,
         warmup=0.3,
+        tls=client.client_tls_context() if work.tls else None,
     )
 
 
 def with_cprofile(
-    stack: run.Stack, work: run.Workload, duration: float, top: int
+    stack: run.Stack,
+    work: run.Workload,
+    duration: float,
+    top: int,
+    tls_pem: str | None = None,
 ) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "server.prof")
-        server = run.Server(stack, work.mode, profile=out)
+        server = run.Server(stack, work.mode, profile=out, tls=tls_pem)
         try:
             result = _measure(server, work, duration)
         finally:
@@ -126,14 +131,18 @@ def with_cprofile(
 
 
 def with_pyspy(
-    stack: run.Stack, work: run.Workload, duration: float, top: int
+    stack: run.Stack,
+    work: run.Workload,
+    duration: float,
+    top: int,
+    tls_pem: str | None = None,
 ) -> list[str]:
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not os.path.exists(pyspy):
         return [f"py-spy is not installed; skipped for {work.name}."]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "stacks.txt")
-        with run.Server(stack, work.mode) as server:
+        with run.Server(stack, work.mode, tls=tls_pem) as server:
             spy = subprocess.Popen(
                 [
                     pyspy,
@@ -241,14 +250,18 @@ def main() -> None:
         *run.machine(),
         f"- Source: {run.git_state()} (trionet imported live from the checkout)",
     ]
-    for work in works:
-        if work.kind != "echo":
-            continue
-        lines += ["", f"### {work.name}", "", work.description + ".", ""]
-        if args.tool in ("cprofile", "both"):
-            lines += [*with_cprofile(stack, work, args.duration, args.top), ""]
-        if args.tool in ("py-spy", "both"):
-            lines += [*with_pyspy(stack, work, args.duration, args.top), ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        pem = run.make_tls_pem(Path(tmp)) if any(w.tls for w in works) else None
+        for work in works:
+            if work.kind != "echo":
+                continue
+            tls = pem if work.tls else None
+            lines += ["", f"### {work.name}", "", work.description + ".", ""]
+            if args.tool in ("cprofile", "both"):
+                lines += [*with_cprofile(stack, work, args.duration, args.top, tls)]
+                lines.append("")
+            if args.tool in ("py-spy", "both"):
+                lines += [*with_pyspy(stack, work, args.duration, args.top, tls), ""]
     report = "\n".join(lines) + "\n"
     print(report)
     Path(args.output).write_text(report, encoding="utf-8")

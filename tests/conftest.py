@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -80,6 +80,27 @@ async def open_pair(
     assert kind == "memory-queued"
     async with trionet.testing.connection_pair(framing, queued=True) as pair:
         yield pair
+
+
+@asynccontextmanager
+async def tls_client_of(
+    handler: Callable[[Connection], Awaitable[None]],
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    framing: trionet.Framing | None = None,
+) -> AsyncIterator[Connection]:
+    """A TLS client connection to a loopback TLS server running ``handler``."""
+    async with trionet.open_tcp_server(
+        handler, host="127.0.0.1", framing=framing, ssl_context=server_context
+    ) as server:
+        async with trionet.connect_tcp(
+            "127.0.0.1",
+            server.port,
+            framing=framing,
+            ssl_context=client_context,
+            server_hostname="localhost",
+        ) as client:
+            yield client
 
 
 @pytest.fixture(scope="session")

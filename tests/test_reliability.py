@@ -46,6 +46,7 @@ from trionet import (
     LineTooLong,
 )
 from trionet._codec import ReceiveBuffer
+from trionet._transport import RECEIVE_SIZE
 from trionet._util import unwrap_single_exception
 from trionet.testing import ChunkedStream, StallAfter
 
@@ -53,8 +54,8 @@ from .test_codec import CountingBytearray
 
 KiB = 1024
 MiB = 1024 * KiB
-#: Bytes a connection asks of the kernel per receive (trionet._transport).
-RECEIVE_CHUNK = 65536
+#: Bytes a connection asks of the kernel per receive.
+RECEIVE_CHUNK = RECEIVE_SIZE
 SERVER_SCRIPT = Path(__file__).with_name("reliability_server.py")
 
 

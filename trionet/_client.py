@@ -20,7 +20,7 @@ from ._network import SimulatedStream, current_network
 from ._transport import (
     SimulatedTransport,
     SocketTransport,
-    StreamTransport,
+    Transport,
     check_server_hostname,
 )
 from ._util import format_address
@@ -102,30 +102,35 @@ async def _connect(
             raise ConnectError(
                 CloseReason.ERROR, f"cannot connect to {where}: {_why(exc)}"
             ) from exc
+        # (TLS over a real socket stays on trionet's socket path; over a
+        # simulated network it is trio.SSLStream: see Transport.upgraded.)
+        plain: Transport = (
+            SocketTransport.from_trio_socket(stream.socket)
+            if isinstance(stream, trio.SocketStream)
+            else SimulatedTransport(stream)
+        )
         if ssl_context is None:
-            conn = Connection._over(
-                (
-                    SocketTransport.from_trio_socket(stream.socket)
-                    if isinstance(stream, trio.SocketStream)
-                    else SimulatedTransport(stream)
-                ),
-                framing,
-            )
+            conn = Connection._over(plain, framing)
             conn._tls = tls_settings
             return conn
+        transport: Transport = plain
         try:
-            tls = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname)
-            await tls.do_handshake()
+            transport = plain.upgraded(
+                ssl_context,
+                server_side=False,
+                server_hostname=server_hostname,
+                require_close_notify=require_close_notify,
+            )
+            await transport.do_handshake()
         except (trio.BrokenResourceError, OSError) as exc:
-            await trio.aclose_forcefully(stream)
+            await transport.aclose_forcefully()
             cause = exc.__cause__ or exc
             raise ConnectError(
                 CloseReason.ERROR, f"TLS handshake with {where} failed: {cause}"
             ) from cause
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            await transport.aclose_forcefully()
             raise
-        transport = StreamTransport(tls, require_close_notify=require_close_notify)
         conn = Connection._over(transport, framing)
         conn._tls = tls_settings
         return conn

@@ -46,7 +46,7 @@ import operator
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -55,6 +55,7 @@ import trio
 
 from ._as_stream import ConnectionStream
 from ._codec import Frames, Framing, Lines, ReceiveBuffer, as_bytes
+from ._codec._buffer import _SMALL_FRAME, large_frame_end
 from ._exceptions import (
     CloseReason,
     ConnectError,
@@ -92,6 +93,9 @@ logger = logging.getLogger("trionet")
 
 #: Sends that may go straight to the kernel before one passes through the scheduler.
 SENDS_PER_YIELD = 256
+#: A frame payload of at least this many bytes is sent after its header with
+#: one scatter-gather write instead of being joined to it (a copy).
+SCATTER_MIN = 16 * 1024
 #: Seconds a TLS handshake may take, unless the server or the caller says otherwise.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
@@ -125,6 +129,67 @@ def _checked_framing(framing: Framing | None) -> Framing | None:
     if framing is not None and not isinstance(framing, Lines | Frames):
         raise TypeError(f"framing must be Lines, Frames or None, not {framing!r}")
     return framing
+
+
+def _frames_of(framing: Framing | None) -> Frames | None:
+    return framing if isinstance(framing, Frames) else None
+
+
+def _encode_many(
+    framing: Framing | None, messages: Iterable[BytesLike | str]
+) -> tuple[bytes, int]:
+    """Every message of ``messages`` encoded and joined, and how many there
+    were; the same checks (and errors) as ``framing.encode`` for each."""
+    payloads = [m if type(m) is bytes else as_bytes(m) for m in messages]
+    if not payloads:
+        return b"", 0
+    if framing is None:
+        return b"".join(payloads), len(payloads)
+    if isinstance(framing, Frames):
+        limit = framing.max_size
+        header = framing.header_size
+    else:
+        limit = framing.max_length
+        delimiter = framing.delimiter
+        if _overlaps_itself(delimiter):
+            return b"".join(map(framing.encode, payloads)), len(payloads)
+    if max(map(len, payloads)) > limit:
+        # (The first one too large raises, as its own encode would.)
+        for payload in payloads:
+            framing.encode(payload)
+    if isinstance(framing, Frames):
+        parts: list[bytes] = []
+        append = parts.append
+        for payload in payloads:
+            append(len(payload).to_bytes(header, "big"))
+            append(payload)
+        return b"".join(parts), len(payloads)
+    wire = delimiter.join(payloads) + delimiter
+    # A delimiter that does not overlap itself is found exactly once per
+    # line unless a line contains it.
+    if wire.count(delimiter) != len(payloads):
+        for payload in payloads:
+            framing.encode(payload)  # raises ValueError for the first bad one
+    return wire, len(payloads)
+
+
+def _overlaps_itself(delimiter: bytes) -> bool:
+    return any(delimiter[:k] == delimiter[-k:] for k in range(1, len(delimiter)))
+
+
+class _Batches:
+    """What :meth:`Connection.batches` returns: an async iterator of batches."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    def __anext__(self) -> Coroutine[object, None, list[bytes]]:
+        return self._conn._next_batch(True)
 
 
 @attrs.frozen(kw_only=True)
@@ -592,19 +657,45 @@ class Connection:
                 try:
                     if not waited:
                         await trio.lowlevel.cancel_shielded_checkpoint()
-                    count = self._transport.receive_nowait(buffer)
-                    if count is None:
+                    chunk = self._transport.receive_chunk_nowait()
+                    if chunk is None:
                         await trio.lowlevel.wait_readable(sock)
                         waited = True
                         continue
                 except _TRANSPORT_ERRORS as exc:
                     raise self._broken(exc) from exc
                 waited = False
-                self._filled(count)
+                if frames is None or len(chunk) <= _SMALL_FRAME or buffer:
+                    # (No new locals: the frame an idle connection waits in
+                    # stays as small as it was.)
+                    buffer.feed(chunk)
+                    self._filled(len(chunk))
+                    continue
+                # Maybe a large frame, whole: a helper, for the same reason.
+                message = self._take_chunk(chunk, frames)
+                if message is not None:
+                    return message
         except ConnectionClosed as exc:
             raise _iteration_end(exc, iterating) from exc.__cause__
         finally:
             self._receiving = False
+
+    def _take_chunk(self, chunk: memoryview, frames: Frames | None) -> bytes | None:
+        """Buffer a received chunk (of the thread's scratch buffer); return
+        the large frame at its front if it arrived whole: copied out of the
+        chunk once, not into the buffer and out again."""
+        count = len(chunk)
+        buffer = self._receive_buffer
+        if frames is not None and count and not buffer:
+            end = large_frame_end(chunk, frames.header_size, frames.max_size)
+            if end:
+                buffer.feed(chunk[end:])
+                self._filled(count)
+                self._message_started = None
+                return bytes(chunk[frames.header_size : end])
+        buffer.feed(chunk)
+        self._filled(count)
+        return None
 
     async def receive_line(self) -> bytes:
         """Receive one line, without its delimiter.
@@ -767,6 +858,63 @@ class Connection:
             raise StopAsyncIteration
         return message
 
+    # ---------------------------------------------------------------- batches
+
+    async def receive_batch(self) -> list[bytes]:
+        """Receive every whole message already received, at least one: a
+        list of messages of :attr:`framing`, in order.
+
+        For throughput: one call (and one pass through the scheduler at
+        most) per received chunk instead of per message.  A batch holds what
+        arrived, so it is bounded by the bytes received, never by a count
+        the peer chose.  With ``framing=None`` a batch is one chunk of raw
+        bytes.  Messages before a bad one (a line too long, a frame too
+        large) are returned first; the call after raises.  A cancelled call
+        loses nothing.
+
+        Raises:
+            ConnectionClosed: the stream ended (CLOSED_BY_PEER) or the
+                connection is closed.
+            IncompleteMessage: the stream ended inside a message.
+            ProtocolError: as :meth:`receive` (the connection is closed).
+
+        .. versionadded:: 0.1
+        """
+        return await self._next_batch(False)
+
+    def batches(self) -> AsyncIterator[list[bytes]]:
+        """``async for batch in conn.batches()``: :meth:`receive_batch` in
+        a loop, ending when the peer closes cleanly between messages (as
+        ``async for message in conn`` does)::
+
+            async for batch in conn.batches():
+                await conn.send_many(batch)
+
+        .. versionadded:: 0.1
+        """
+        return _Batches(self)
+
+    async def _next_batch(self, iterating: bool) -> list[bytes]:
+        ready = self._ready
+        if ready is not None and not self._transport_closed:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._ready is ready:  # (a receive in another task may take it)
+                self._ready = None
+                return list(ready)
+        result = await self._receive_message(
+            self._extract_all, _frames_of(self._framing), iterating=iterating
+        )
+        # (A large frame received outside the buffer comes back alone.)
+        return result if isinstance(result, list) else [result]
+
+    def _extract_all(self, buffer: ReceiveBuffer) -> list[bytes] | None:
+        if not buffer:
+            return None
+        framing = self._framing
+        if framing is None:
+            return [buffer.extract_some()]
+        return framing.extract_all(buffer) or None
+
     # ---------------------------------------------------------------- sending
 
     async def send_all(self, data: BytesLike) -> None:
@@ -792,7 +940,10 @@ class Connection:
         framing = (
             self._framing if isinstance(self._framing, Frames) else _DEFAULT_FRAMES
         )
-        await self._send(framing.encode(data))
+        if type(data) is bytes and len(data) >= SCATTER_MIN:
+            await self._send_parts(framing.header(len(data)), data)
+        else:
+            await self._send(framing.encode(data))
 
     async def send(self, message: BytesLike | str) -> None:
         """Send one message of :attr:`framing` (raw bytes when it is None).
@@ -808,6 +959,13 @@ class Connection:
                 sent its end of stream (:meth:`send_eof`).
         """
         framing = self._framing
+        if (
+            type(framing) is Frames  # (first: for lines, the only check)
+            and len(message) >= SCATTER_MIN
+            and type(message) is bytes
+        ):
+            await self._send_parts(framing.header(len(message)), message)
+            return
         data = as_bytes(message) if framing is None else framing.encode(message)
         # (_send's body, inlined, and try_push's corked case too: this is
         # the hottest path of a server that answers pipelined requests, and a
@@ -821,6 +979,63 @@ class Connection:
                 self._uncork()
         elif not self._send_path.try_push(self, data):
             await self._send_path.send_slow(self, data)
+        self._sends_since_yield += 1
+        if self._sends_since_yield >= SENDS_PER_YIELD:
+            self._sends_since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_many(self, messages: Iterable[BytesLike | str]) -> None:
+        """Send messages of :attr:`framing` (raw bytes when it is None), in
+        order, joined into as few writes as possible.
+
+        The counterpart of :meth:`receive_batch` for throughput: the
+        messages are encoded and checked first (nothing is sent if any is
+        refused), then handed on as one unit.
+
+        On a connection a server handed to its handler, **either every
+        message is accepted or none is**: if this raises -- cancelled while
+        it waits for room, or the connection closed -- none of them was
+        accepted and no byte of them goes out; if it returns, all were, and
+        they go out whole and in order.  The batch counts as its messages
+        and bytes against ``send_queue_size`` and ``send_queue_bytes`` and
+        waits, whole, until the queue is under both bounds (so it may go
+        over them by one batch); a wait longer than :attr:`idle_timeout`
+        closes the connection with TIMEOUT.
+
+        On a client connection the call returns once the kernel has taken
+        every byte.  As with :meth:`send`, a cancellation (or failure) while
+        the kernel takes them closes the connection (ERROR) at once: the
+        peer then has a prefix of the messages, each whole, and the end of
+        the stream -- the message cut short, if any, reaches it as
+        :exc:`IncompleteMessage`, never followed by other bytes.
+
+        Raises:
+            ValueError, MessageTooLarge: a message cannot be encoded (as
+                :meth:`send`); nothing was sent.
+            ConnectionClosed: the connection is closed, or this side already
+                sent its end of stream.
+
+        .. versionadded:: 0.1
+        """
+        data, count = _encode_many(self._framing, messages)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not count:
+            return
+        path = self._send_path
+        if not path.try_push_many(self, data, count):
+            await path.send_slow(self, data, count)
+        self._sends_since_yield += count
+        if self._sends_since_yield >= SENDS_PER_YIELD:
+            self._sends_since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_parts(self, header: bytes, payload: bytes) -> None:
+        # A large frame: its header and payload go out with one sendmsg
+        # where possible, so the payload is never copied.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        path = self._send_path
+        if not path.try_push_parts(self, header, payload):
+            await path.send_slow(self, header, 1, payload)
         self._sends_since_yield += 1
         if self._sends_since_yield >= SENDS_PER_YIELD:
             self._sends_since_yield = 0
@@ -841,7 +1056,9 @@ class Connection:
             self._cork = None
             path = self._send_path
             assert isinstance(path, QueuedSendPath)
-            path.write_or_queue(self, cork[0] if len(cork) == 1 else b"".join(cork))
+            path.write_or_queue(
+                self, cork[0] if len(cork) == 1 else b"".join(cork), len(cork)
+            )
 
     def _uncork_soon(self) -> None:
         # Runs from the scheduler once the corking task has yielded.
@@ -983,10 +1200,11 @@ class Connection:
                 TLS session cannot be used.
             ConnectionClosed: the connection is closed, this side has sent
                 its end of stream, or the peer had finished sending.
-            ValueError: ``server_side`` is needed and missing, or
+            ValueError: ``server_side`` is needed and missing,
                 ``ssl_context`` does not fit (a client context that checks
-                host names without ``server_hostname``).  The connection is
-                left as it was.
+                host names without ``server_hostname``), or the connection
+                already speaks TLS over its socket.  The connection is left
+                as it was.
             trio.BusyResourceError: another task is receiving.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -1054,15 +1272,13 @@ class Connection:
             self._receiving = False
         self._batch_ok = True
 
-    async def _handshake(self, transport: StreamTransport, seconds: float) -> None:
+    async def _handshake(self, transport: Transport, seconds: float) -> None:
         """Run the TLS handshake of :meth:`start_tls`; on any failure the
         connection is closed before this raises."""
-        tls = transport.stream
-        assert isinstance(tls, trio.SSLStream)
         where = format_address(self.remote_address)
         try:
             with trio.move_on_after(seconds) as scope:
-                await tls.do_handshake()
+                await transport.do_handshake()
         except _TRANSPORT_ERRORS as exc:
             if self._transport_closed:  # (closed by another task meanwhile)
                 raise self._closed_error() from exc

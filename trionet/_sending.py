@@ -17,14 +17,15 @@ holds no queue and no task.
 The queue is bounded twice, in messages (``send_queue_size``) and in bytes
 (``send_queue_bytes``, counting what the writer is writing right now):
 
-* ``send*`` appends while the queue is under both bounds -- so one message
-  may take it over the byte bound -- and otherwise waits, in FIFO order with
+* ``send*`` appends while the queue is under both bounds -- so one send
+  (one message, or the whole batch of a ``send_many``, which counts as its
+  messages) may take it over them -- and otherwise waits, in FIFO order with
   the other waiting senders (backpressure on that connection's senders
-  only).  The writer moves waiting messages into the queue, oldest first, as
+  only).  The writer moves waiting sends into the queue, oldest first, as
   room frees up, the way a trio memory channel hands over values, so a
-  sender that was woken has had its message accepted and a cancelled one
-  has not.  A wait longer than ``idle_timeout`` closes the connection with
-  TIMEOUT.
+  sender that was woken has had its messages accepted and a cancelled one
+  has not (a batch is accepted whole or not at all).  A wait longer than
+  ``idle_timeout`` closes the connection with TIMEOUT.
 * A broadcast never waits.  It may use ``broadcast_headroom`` bytes (and as
   many messages again) beyond the bounds where ``send*`` waits, so a client
   that keeps up with a streaming handler is never evicted for one notice.
@@ -32,8 +33,10 @@ The queue is bounded twice, in messages (``send_queue_size``) and in bytes
   not moved for ``stall_timeout`` seconds, closes the connection with
   SLOW_CONSUMER instead.
 
-So a connection's queue holds at most ``send_queue_bytes`` + one message +
-``broadcast_headroom`` bytes.
+So a connection's queue holds at most ``send_queue_bytes`` + one send +
+``broadcast_headroom`` bytes.  Over TLS the transport may also hold the
+encrypted records of one write (64 KiB of data) that the kernel has not
+taken yet; the writer sends them before the queue.
 
 The writer runs in a cancel scope of its own: closing the connection
 forcefully (a flush that timed out, a protocol error, an eviction) cancels
@@ -126,10 +129,11 @@ class SendQueue:
 
     __slots__ = (
         "closed",
+        "counts",
         "drained",
-        "in_flight",
         "items",
         "last_progress",
+        "messages",
         "nbytes",
         "scope",
         "waiting",
@@ -137,12 +141,16 @@ class SendQueue:
 
     def __init__(self) -> None:
         self.items: deque[bytes | memoryview] = deque()
+        #: How many messages each item completes (a joined batch: several;
+        #: the first part of a message cut in two: none).
+        self.counts: deque[int] = deque()
         #: Bytes queued plus bytes the writer is writing now.
         self.nbytes = 0
-        #: Messages (or parts) the writer is writing now.
-        self.in_flight = 0
-        #: Senders waiting for room, oldest first, with their message.
-        self.waiting: OrderedDict[trio.lowlevel.Task, bytes] = OrderedDict()
+        #: Messages queued plus messages the writer is writing now.
+        self.messages = 0
+        #: Senders waiting for room, oldest first, with their bytes and the
+        #: number of messages they hold.
+        self.waiting: OrderedDict[trio.lowlevel.Task, tuple[bytes, int]] = OrderedDict()
         #: Set once the queue is gone: everything written, or closed.
         self.drained = trio.Event()
         #: The writer's cancel scope (None until the writer first runs).
@@ -151,28 +159,23 @@ class SendQueue:
         self.last_progress = trio.current_time()
         self.closed = False
 
-    def append(self, data: bytes | memoryview) -> None:
+    def append(self, data: bytes | memoryview, count: int = 1) -> None:
+        """Queue ``data``, which holds ``count`` messages."""
         self.items.append(data)
+        self.counts.append(count)
         self.nbytes += len(data)
-
-    @property
-    def messages(self) -> int:
-        """Messages queued or being written."""
-        return len(self.items) + self.in_flight
+        self.messages += count
 
     def has_room(self, limits: SendLimits) -> bool:
-        return (
-            self.nbytes < limits.queue_bytes
-            and len(self.items) + self.in_flight < limits.queue_size
-        )
+        return self.nbytes < limits.queue_bytes and self.messages < limits.queue_size
 
     def admit_waiting(self, limits: SendLimits) -> None:
         """Move waiting senders' messages into the queue, oldest first, while
         there is room, and wake those senders."""
         waiting = self.waiting
         while waiting and self.has_room(limits):
-            task, data = waiting.popitem(last=False)
-            self.append(data)
+            task, (data, count) = waiting.popitem(last=False)
+            self.append(data, count)
             trio.lowlevel.reschedule(task)
 
     def close(self, error: ConnectionClosed) -> None:
@@ -235,29 +238,88 @@ class QueuedSendPath:
         self.write_or_queue(conn, data)
         return True
 
-    async def send_slow(self, conn: Connection, data: bytes) -> None:
-        """Wait for room in the queue (backpressure), at most ``idle_timeout``."""
+    def try_push_many(self, conn: Connection, data: bytes, count: int) -> bool:
+        """:meth:`try_push` for ``count`` messages joined into ``data``,
+        accepted whole or not at all; never corked (they are a batch
+        already).  False when the caller must wait for room."""
+        if conn._send_closed:
+            raise conn._closed_error()
+        if conn._cork is not None:
+            conn._uncork()  # (what was corked goes first)
+        queue = conn._queue
+        if queue is not None:
+            if queue.waiting or not queue.has_room(self.limits):
+                return False
+            queue.append(data, count)
+            return True
+        self.write_or_queue(conn, data, count)
+        return True
+
+    def try_push_parts(self, conn: Connection, header: bytes, payload: bytes) -> bool:
+        """:meth:`try_push` for one message in two parts (a frame's header
+        and a large payload), written with one scatter-gather ``sendmsg``
+        when it can go straight to the kernel: the payload is not copied.
+        Corked or queued, it is joined as any message."""
+        if (
+            conn._cork is not None
+            or conn._queue is not None
+            or conn._ready
+            or conn._receive_buffer
+        ):
+            return self.try_push(conn, header + payload)
+        if conn._send_closed:
+            raise conn._closed_error()
+        transport = conn._transport
+        try:
+            sent = transport.send_parts_nowait(header, payload)
+        except _TRANSPORT_ERRORS as exc:
+            raise conn._broken(exc) from exc
+        conn._bytes_sent += sent
+        size = len(header) + len(payload)
+        if sent < size or (transport.can_hold_backlog and transport.has_backlog):
+            queue = conn._queue = SendQueue()
+            if sent < size:
+                queue.append(_unsent(header, payload, sent))
+            self.nursery.start_soon(self._writer, conn, queue)
+        return True
+
+    async def send_slow(
+        self,
+        conn: Connection,
+        data: bytes,
+        count: int = 1,
+        payload: bytes | None = None,
+    ) -> None:
+        """Wait for room in the queue (backpressure), at most ``idle_timeout``.
+        (With ``payload``, ``data`` is the header of a two-part message.)"""
+        if payload is not None:
+            data += payload
         queue = conn._queue
         assert queue is not None
         deadline = math.inf
         if conn.idle_timeout is not None:
             deadline = trio.current_time() + conn.idle_timeout
-        await self.wait_for_room(conn, queue, data, deadline)
+        await self.wait_for_room(conn, queue, data, deadline, count)
 
-    def write_or_queue(self, conn: Connection, data: bytes) -> None:
-        """Write now what the kernel takes; queue the rest for a writer task."""
+    def write_or_queue(self, conn: Connection, data: bytes, count: int = 1) -> None:
+        """Write now what the kernel takes; queue the rest (of ``count``
+        messages) for a writer task."""
         queue = conn._queue
         if queue is not None:  # (already accepted: not subject to the bounds)
-            queue.append(data)
+            queue.append(data, count)
             return
+        transport = conn._transport
         try:
-            sent = conn._transport.send_nowait(data)
+            sent = transport.send_nowait(data)
         except _TRANSPORT_ERRORS as exc:
             raise conn._broken(exc) from exc
         conn._bytes_sent += sent
-        if sent < len(data):
+        if sent < len(data) or (transport.can_hold_backlog and transport.has_backlog):
+            # (The backlog: TLS records the kernel did not take, at most one
+            # write's worth.  The writer sends it before the queue.)
             queue = conn._queue = SendQueue()
-            queue.append(memoryview(data)[sent:] if sent else data)
+            if sent < len(data):
+                queue.append(memoryview(data)[sent:] if sent else data, count)
             self.nursery.start_soon(self._writer, conn, queue)
 
     def offer(self, conn: Connection, data: bytes) -> bool:
@@ -293,36 +355,42 @@ class QueuedSendPath:
         limits = self.limits
         transport = conn._transport
         items = queue.items
+        counts = queue.counts
         try:
             with trio.CancelScope() as scope:
                 queue.scope = scope
                 if queue.closed:
                     return
-                while items:
+                while items or transport.has_backlog:
                     batch: list[bytes | memoryview] = []
                     size = 0
+                    messages = 0
                     while items and size < MAX_BATCH_BYTES:
                         item = items.popleft()
+                        count = counts.popleft()
                         if size + len(item) > MAX_BATCH_BYTES and len(item) > (
                             MAX_BATCH_BYTES
                         ):
                             # Write a large message in parts, so that progress
                             # (last_progress) is seen at least every part.
+                            # Its messages count as written with the last part.
                             view = memoryview(item)
                             cut = MAX_BATCH_BYTES - size
                             items.appendleft(view[cut:])
-                            item = view[:cut]
+                            counts.appendleft(count)
+                            item, count = view[:cut], 0
                         batch.append(item)
                         size += len(item)
+                        messages += count
                     data = batch[0] if len(batch) == 1 else b"".join(batch)
-                    queue.in_flight = len(batch)
+                    # (No batch: only the transport's backlog to write.)
                     try:
                         await transport.send_all(data)
                     except _TRANSPORT_ERRORS as exc:
                         conn._broken(exc)
                         return
                     conn._bytes_sent += size
-                    queue.in_flight = 0
+                    queue.messages -= messages
                     queue.nbytes -= size
                     queue.last_progress = trio.current_time()
                     queue.admit_waiting(limits)
@@ -371,12 +439,18 @@ class QueuedSendPath:
             queue.drained.set()
 
     async def wait_for_room(
-        self, conn: Connection, queue: SendQueue, data: bytes, deadline: float
+        self,
+        conn: Connection,
+        queue: SendQueue,
+        data: bytes,
+        deadline: float,
+        count: int = 1,
     ) -> None:
-        """Wait until the writer has moved ``data`` into ``queue`` (FIFO with
-        other waiting senders); close with TIMEOUT at ``deadline``."""
+        """Wait until the writer has moved ``data`` (``count`` messages) into
+        ``queue`` (FIFO with other waiting senders); close with TIMEOUT at
+        ``deadline``."""
         task = trio.lowlevel.current_task()
-        queue.waiting[task] = data
+        queue.waiting[task] = (data, count)
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             queue.waiting.pop(task, None)
@@ -402,8 +476,22 @@ class LockedSendPath:
             raise conn._closed_error()
         return False
 
-    async def send_slow(self, conn: Connection, data: bytes) -> None:
-        """Send under the lock; return once the kernel took every byte."""
+    def try_push_many(self, conn: Connection, data: bytes, count: int) -> bool:
+        return self.try_push(conn, data)
+
+    def try_push_parts(self, conn: Connection, header: bytes, payload: bytes) -> bool:
+        return self.try_push(conn, header)
+
+    async def send_slow(
+        self,
+        conn: Connection,
+        data: bytes,
+        count: int = 1,
+        payload: bytes | None = None,
+    ) -> None:
+        """Send under the lock; return once the kernel took every byte.
+        (With ``payload``, ``data`` is the header of a two-part message,
+        written with one scatter-gather ``sendmsg``.)"""
         lock = conn._lock()
         if lock.locked():
             await lock.acquire()
@@ -413,15 +501,20 @@ class LockedSendPath:
             if conn._send_closed:
                 raise conn._closed_error()
             transport = conn._transport
+            size = len(data)
             try:
-                sent = transport.send_nowait(data)
-                if sent < len(data):
-                    await self._send_rest(
-                        conn, memoryview(data)[sent:] if sent else data
-                    )
+                if payload is None:
+                    sent = transport.send_nowait(data)
+                else:
+                    sent = transport.send_parts_nowait(data, payload)
+                    size += len(payload)
+                if sent < size or (
+                    transport.can_hold_backlog and transport.has_backlog
+                ):
+                    await self._send_rest(conn, _unsent(data, payload, sent))
             except _TRANSPORT_ERRORS as exc:
                 raise conn._broken(exc) from exc
-            conn._bytes_sent += len(data)
+            conn._bytes_sent += size
         finally:
             lock.release()
 
@@ -464,6 +557,16 @@ class LockedSendPath:
             # The peer read nothing for idle_timeout.
             conn._close_now(CloseReason.TIMEOUT)
             raise conn._closed_error()
+
+
+def _unsent(data: bytes, payload: bytes | None, sent: int) -> bytes | memoryview:
+    """What is left of ``data`` (and ``payload`` after it) once ``sent``
+    bytes went out, copying only when not even ``data`` went whole."""
+    if payload is None:
+        return memoryview(data)[sent:] if sent else data
+    if sent < len(data):
+        return data[sent:] + payload
+    return memoryview(payload)[sent - len(data) :]
 
 
 LOCKED = LockedSendPath()

@@ -65,6 +65,7 @@ from ._transport import (
     SimulatedTransport,
     SocketTransport,
     StreamTransport,
+    Transport,
     peer_credentials,
 )
 from ._util import (
@@ -605,18 +606,20 @@ class Server:
                 self._closed[CloseReason.REJECTED] += 1
                 _refuse(sock)
                 return None
-        if options.ssl_context is None:
-            transport: SocketTransport | StreamTransport = _plain_transport(sock)
-        else:
-            tls = trio.SSLStream(
-                _trio_stream(sock),
+        transport: Transport = _plain_transport(sock)
+        if options.ssl_context is not None:
+            # A real socket: TlsTransport, on trionet's socket path; a
+            # simulated one: trio.SSLStream (see Transport.upgraded).
+            transport = transport.upgraded(
                 options.ssl_context,
                 server_side=True,
+                server_hostname=None,
+                require_close_notify=options.require_close_notify,
             )
             reason = None
             with trio.move_on_after(options.handshake_timeout) as scope:
                 try:
-                    await tls.do_handshake()
+                    await transport.do_handshake()
                 except (trio.BrokenResourceError, OSError) as exc:
                     logger.info("TLS handshake failed: %r", exc.__cause__ or exc)
                     reason = CloseReason.ERROR
@@ -626,9 +629,6 @@ class Server:
             if reason is not None:
                 self._closed[reason] += 1
                 return None
-            transport = StreamTransport(
-                tls, require_close_notify=options.require_close_notify
-            )
         conn = Connection._over(transport, options.framing, self._send_path)
         conn._tls = self._tls
         conn.idle_timeout = options.idle_timeout
@@ -846,12 +846,6 @@ def _plain_transport(sock: Accepted) -> SocketTransport | StreamTransport:
     if isinstance(sock, socket.socket):
         return SocketTransport(sock)
     return SimulatedTransport(sock)
-
-
-def _trio_stream(sock: Accepted) -> trio.abc.Stream:
-    if isinstance(sock, socket.socket):
-        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-    return sock
 
 
 def _client_identity(sock: Accepted) -> Address:

@@ -3,6 +3,7 @@
 Every server is its own process, started by ``benchmarks/run.py`` as::
 
     python benchmarks/servers/<stack>.py lines|frames [--profile FILE] [--unix PATH]
+                                         [--tls PEM]
     python benchmarks/servers/udp_<stack>.py datagrams [--profile FILE]
 
 It listens on 127.0.0.1 (an ephemeral port), prints ``PORT <n>`` once it is
@@ -10,7 +11,9 @@ listening (with ``--unix``, where a server supports it: on a UNIX socket at
 PATH, and prints ``UNIX <path>``), echoes 64-byte lines (newline-terminated)
 or 4-byte big-endian length-prefixed frames (the UDP servers: every datagram,
 to its sender), and exits at once on SIGINT or SIGTERM (after writing its
-cProfile statistics, when ``--profile`` was given).
+cProfile statistics, when ``--profile`` was given). With ``--tls PEM`` (a file
+holding a private key and its certificate) a TCP server speaks TLS 1.3 with
+:func:`tls_context`, its stack's usual way.
 
 The hand-written parsers used by the bare trio server (and by the codec
 benchmark as the baseline) live here too.
@@ -24,6 +27,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from types import FrameType
 
@@ -72,7 +76,20 @@ def parse_args(
         parser.add_argument(
             "--unix", metavar="PATH", help="listen on a UNIX socket at PATH instead"
         )
+    parser.add_argument(
+        "--tls", metavar="PEM", help="speak TLS 1.3 with this key and certificate"
+    )
     return parser.parse_args()
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context (TLS 1.3 only), or None without ``--tls``."""
+    if not args.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(args.tls)
+    return context
 
 
 def pop_option(name: str, default: str) -> str:

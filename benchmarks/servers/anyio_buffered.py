@@ -2,18 +2,21 @@
 
     python anyio_buffered.py lines|frames --backend trio|asyncio
 
-Lines use ``receive_until``; frames use ``receive_exactly`` twice.
+Lines use ``receive_until``; frames use ``receive_exactly`` twice.  With
+``--tls``, anyio's ``TLSListener`` over the TCP listener.
 """
 
 from __future__ import annotations
 
 import functools
+import ssl
 import sys
 
 import _common
 import anyio
-from anyio.abc import SocketAttribute, SocketStream
+from anyio.abc import ByteStream, Listener, SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.tls import TLSListener
 
 _ENDED = (
     anyio.EndOfStream,
@@ -23,7 +26,7 @@ _ENDED = (
 )
 
 
-async def handle_lines(stream: SocketStream) -> None:
+async def handle_lines(stream: ByteStream) -> None:
     async with stream:
         reader = BufferedByteReceiveStream(stream)
         try:
@@ -34,7 +37,7 @@ async def handle_lines(stream: SocketStream) -> None:
             return
 
 
-async def handle_frames(stream: SocketStream) -> None:
+async def handle_frames(stream: ByteStream) -> None:
     async with stream:
         reader = BufferedByteReceiveStream(stream)
         try:
@@ -49,11 +52,15 @@ async def handle_frames(stream: SocketStream) -> None:
             return
 
 
-async def main(mode: str) -> None:
-    listener = await anyio.create_tcp_listener(
+async def main(mode: str, tls: ssl.SSLContext | None) -> None:
+    tcp = await anyio.create_tcp_listener(
         local_host="127.0.0.1", local_port=0, backlog=_common.BACKLOG
     )
-    _common.announce(listener.extra(SocketAttribute.local_port))
+    port = tcp.extra(SocketAttribute.local_port)
+    listener: Listener[ByteStream] = tcp
+    if tls is not None:
+        listener = TLSListener(tcp, tls, standard_compatible=False)
+    _common.announce(port)
     await listener.serve(handle_lines if mode == "lines" else handle_frames)
 
 
@@ -64,4 +71,6 @@ if __name__ == "__main__":
         backend = sys.argv[at + 1]
         del sys.argv[at : at + 2]
     args = _common.setup(__doc__ or "")
-    anyio.run(functools.partial(main, args.mode), backend=backend)
+    anyio.run(
+        functools.partial(main, args.mode, _common.tls_context(args)), backend=backend
+    )

@@ -3,12 +3,13 @@
     python asyncio_streams.py lines|frames [--uvloop]
 
 Lines use ``readline``; frames use ``readexactly`` twice; every reply is
-``write`` + ``await drain()``.
+``write`` + ``await drain()``.  With ``--tls``, ``start_server(ssl=...)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 
 import _common
@@ -48,13 +49,14 @@ async def handle_frames(
         writer.close()
 
 
-async def main(mode: str) -> None:
+async def main(mode: str, tls: ssl.SSLContext | None) -> None:
     server = await asyncio.start_server(
         handle_lines if mode == "lines" else handle_frames,
         "127.0.0.1",
         0,
         backlog=_common.BACKLOG,
         limit=_common.MAX_LINE,
+        ssl=tls,
     )
     _common.announce(server.sockets[0].getsockname()[1])
     async with server:
@@ -69,6 +71,6 @@ if __name__ == "__main__":
     if use_uvloop:
         import uvloop
 
-        uvloop.run(main(args.mode))
+        uvloop.run(main(args.mode, _common.tls_context(args)))
     else:
-        asyncio.run(main(args.mode))
+        asyncio.run(main(args.mode, _common.tls_context(args)))

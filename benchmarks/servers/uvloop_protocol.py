@@ -1,12 +1,14 @@
 """uvloop Protocol echo server: the ceiling for a Python event loop.
 
 ``data_received`` splits each chunk into messages synchronously and answers
-all of them with one ``transport.write``.
+all of them with one ``transport.write``.  With ``--tls``,
+``create_server(ssl=...)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import _common
 import uvloop
@@ -69,13 +71,14 @@ class FrameEcho(asyncio.Protocol):
             self.transport.write(b"".join(replies))
 
 
-async def main(mode: str) -> None:
+async def main(mode: str, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         LineEcho if mode == "lines" else FrameEcho,
         "127.0.0.1",
         0,
         backlog=_common.BACKLOG,
+        ssl=tls,
     )
     _common.announce(server.sockets[0].getsockname()[1])
     async with server:
@@ -84,4 +87,4 @@ async def main(mode: str) -> None:
 
 if __name__ == "__main__":
     args = _common.setup(__doc__ or "")
-    uvloop.run(main(args.mode))
+    uvloop.run(main(args.mode, _common.tls_context(args)))
