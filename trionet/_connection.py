@@ -627,7 +627,6 @@ class Connection:
         self._unready()
         self._receiving = True
         buffer = self._receive_buffer
-        waited = False
         try:
             while True:
                 try:
@@ -644,27 +643,26 @@ class Connection:
                     return message
                 if self._eof:
                     raise self._end_of_stream_error()
-                if frames is not None or exactly:
-                    body = large_body(self, frames, exactly)
-                    if body is not None:
-                        return await receive_direct(self, *body)
+                if (frames is not None or exactly) and large_body(
+                    self, frames, exactly
+                ):
+                    return await self._receive_large(frames, exactly)
                 sock = self._fast_socket()
                 if sock is None:
                     await self._fill()
                     continue
                 # SocketTransport.receive_into, inlined so that an idle
-                # connection waits here and holds fewer coroutine frames.
+                # connection waits here and holds fewer coroutine frames
+                # (and this frame few locals: it is the one an idle
+                # connection keeps).
                 try:
-                    if not waited:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     chunk = self._transport.receive_chunk_nowait()
-                    if chunk is None:
+                    while chunk is None:
                         await trio.lowlevel.wait_readable(sock)
-                        waited = True
-                        continue
+                        chunk = self._transport.receive_chunk_nowait()
                 except _TRANSPORT_ERRORS as exc:
                     raise self._broken(exc) from exc
-                waited = False
                 if frames is None or len(chunk) <= _SMALL_FRAME or buffer:
                     # (No new locals: the frame an idle connection waits in
                     # stays as small as it was.)
@@ -679,6 +677,13 @@ class Connection:
             raise _iteration_end(exc, iterating) from exc.__cause__
         finally:
             self._receiving = False
+
+    async def _receive_large(self, frames: Frames | None, exactly: int) -> bytes:
+        # (Not inline: a local of its own would enlarge the frame of every
+        # receive that waits.)
+        body = large_body(self, frames, exactly)
+        assert body is not None
+        return await receive_direct(self, *body)
 
     def _take_chunk(self, chunk: memoryview, frames: Frames | None) -> bytes | None:
         """Buffer a received chunk (of the thread's scratch buffer); return

@@ -655,27 +655,54 @@ class Server:
         return scope
 
     async def _run_connection(self, sock: Accepted) -> None:
-        # (One coroutine frame for the whole life of a connection: an idle
-        # connection's memory is mostly the frames its task holds.)
+        # The one coroutine frame a connection holds for its whole life (and
+        # trio keeps a frame object of the same size beside it), so it has
+        # few locals and a shallow stack: what comes before and after the
+        # handler runs in helpers whose frames are gone while it runs.
+        try:
+            conn = await self._admit(sock)
+        except BaseException:
+            self._task_done(holding_slot=True)
+            raise
+        if conn is None:
+            self._task_done(holding_slot=True)
+            return
+        ended: BaseException | None = None
+        try:
+            await self._connected(conn)
+            await self._handler(conn)
+        except BaseException as exc:
+            ended = exc
+        try:
+            await self._end_connection(conn, ended)
+        finally:
+            # (A traceback through this frame refers to it: no cycle.)
+            del ended
+
+    async def _connected(self, conn: Connection) -> None:
+        """Register an admitted connection and call ``on_connect``."""
+        self._connections[conn] = None
+        self._accepted += 1
+        on_connect = self._options.on_connect
+        if on_connect is not None:
+            await self._call_hook(on_connect, conn)
+
+    async def _end_connection(
+        self, conn: Connection, ended: BaseException | None
+    ) -> None:
+        """After the handler (``ended``: what it raised, if anything): flush
+        and close, give up the slot, call ``on_close``; then re-raise a
+        cancellation."""
         options = self._options
         cancelled: BaseException | None = None
         holding_slot = True
         try:
-            conn = await self._admit(sock)
-            if conn is None:
-                return
-            self._connections[conn] = None
-            self._accepted += 1
             reason = CloseReason.CLOSED_BY_HOST
-            try:
-                if options.on_connect is not None:
-                    await self._call_hook(options.on_connect, conn)
-                await self._handler(conn)
-            except Exception as exc:
-                if not only_own_end(exc, _own_end(conn)):
-                    self._handler_failed(conn, exc)
-            except BaseException as exc:
-                cancelled = exc
+            if isinstance(ended, Exception):
+                if not only_own_end(ended, _own_end(conn)):
+                    self._handler_failed(conn, ended)
+            elif ended is not None:
+                cancelled = ended
                 reason = CloseReason.SHUTDOWN
                 if not self._closing:
                     # Cancelled from outside: no flush, close at once.
@@ -697,13 +724,16 @@ class Server:
                 finally:
                     self._cleanup_scopes.discard(scope)
         finally:
-            if holding_slot:
-                self._release_slot()
-            self._tasks -= 1
-            if self._tasks == 0:
-                self._all_done.set()
+            self._task_done(holding_slot)
         if cancelled is not None:
             raise cancelled
+
+    def _task_done(self, holding_slot: bool) -> None:
+        if holding_slot:
+            self._release_slot()
+        self._tasks -= 1
+        if self._tasks == 0:
+            self._all_done.set()
 
     def _release_slot(self) -> None:
         self._slots_held -= 1
