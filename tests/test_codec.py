@@ -128,6 +128,29 @@ def exact_line(delimiter: bytes, length: int) -> st.SearchStrategy[bytes]:
     return st.lists(byte, min_size=length, max_size=length).map(bytes)
 
 
+def assert_round_trip(
+    framing: Framing,
+    chunkings_of_wire: Iterable[list[bytes]],
+    expected: list[bytes],
+    trailing: bytes,
+) -> None:
+    """Decoding each chunking of the wire, with each collector, gives
+    ``expected`` and leaves ``trailing`` buffered, which the end of the
+    stream reports as an incomplete message."""
+    for chunks in chunkings_of_wire:
+        for collect in COLLECTORS:
+            out, decoder = decode(framing, chunks, collect)
+            assert out == expected
+            assert decoder.buffered == len(trailing)
+            if trailing:
+                with pytest.raises(IncompleteMessage) as info:
+                    decoder.end_of_stream()
+                assert info.value.partial == trailing
+                assert info.value.reason is CloseReason.CLOSED_BY_PEER
+            else:
+                decoder.end_of_stream()
+
+
 def assert_failed_for_good(decoder: Decoder, error: ProtocolError) -> None:
     calls: list[Callable[[], object]] = [
         decoder.next_message,
@@ -161,18 +184,7 @@ def test_lines_round_trip(
 ) -> None:
     framing, lines, trailing = stream
     wire = b"".join(framing.encode(line) for line in lines) + trailing
-    for chunks in chunkings(data, wire):
-        for collect in COLLECTORS:
-            out, decoder = decode(framing, chunks, collect)
-            assert out == lines
-            assert decoder.buffered == len(trailing)
-            if trailing:
-                with pytest.raises(IncompleteMessage) as info:
-                    decoder.end_of_stream()
-                assert info.value.partial == trailing
-                assert info.value.reason is CloseReason.CLOSED_BY_PEER
-            else:
-                decoder.end_of_stream()
+    assert_round_trip(framing, chunkings(data, wire), lines, trailing)
 
 
 @pytest.mark.parametrize(
@@ -377,17 +389,7 @@ def test_frames_round_trip(
 ) -> None:
     framing, payloads, trailing = stream
     wire = b"".join(framing.encode(payload) for payload in payloads) + trailing
-    for chunks in chunkings(data, wire):
-        for collect in COLLECTORS:
-            out, decoder = decode(framing, chunks, collect)
-            assert out == payloads
-            assert decoder.buffered == len(trailing)
-            if trailing:
-                with pytest.raises(IncompleteMessage) as info:
-                    decoder.end_of_stream()
-                assert info.value.partial == trailing
-            else:
-                decoder.end_of_stream()
+    assert_round_trip(framing, chunkings(data, wire), payloads, trailing)
 
 
 @given(

@@ -13,11 +13,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trionet import Decoder, IncompleteMessage, Lines, LineTooLong, ProtocolError
+from trionet import Decoder, Lines, LineTooLong, ProtocolError
 from trionet._codec import ReceiveBuffer
 from trionet.testing import ChunkedStream, connection_pair
 
-from .test_codec import COLLECTORS, chunkings, decode
+from .test_codec import COLLECTORS, assert_round_trip, chunkings
 
 DELIMITERS = [b"\n", b"\r\n", b"END"]
 
@@ -60,17 +60,9 @@ def test_strip_cr_round_trip(
     stream: tuple[Lines, list[bytes], bytes, bytes], data: st.DataObject
 ) -> None:
     framing, lines, wire, trailing = stream
-    for chunks in [[wire + trailing], *chunkings(data, wire + trailing)]:
-        for collect in COLLECTORS:
-            out, decoder = decode(framing, chunks, collect)
-            assert out == lines
-            assert decoder.buffered == len(trailing)
-            if trailing:
-                with pytest.raises(IncompleteMessage) as info:
-                    decoder.end_of_stream()
-                assert info.value.partial == trailing
-            else:
-                decoder.end_of_stream()
+    assert_round_trip(
+        framing, [[wire + trailing], *chunkings(data, wire + trailing)], lines, trailing
+    )
 
 
 @settings(deadline=None)
